@@ -1,0 +1,12 @@
+"""Video data for V-JEPA training: dataset files -> deterministic, step-indexed batches of augmented clips.
+
+The trainer needs only this interface: ClipSpec (what a clip is), read_dataset_files (the official `path label`
+format) and make_loader (an infinite ClipLoader of (clips [B, 3, T, H, W], labels [B]) whose batch k depends only
+on seed, k, rank, world_size and the dataset). This package does not import vjepa_fast.
+"""
+from dali_pipelines.bad_input import SKIP_REASONS
+from dali_pipelines.dataset_file import DatasetIndex, read_dataset_files
+from dali_pipelines.loader import ClipLoader, make_loader
+from dali_pipelines.spec import ClipSpec
+
+__all__ = ["ClipSpec", "DatasetIndex", "read_dataset_files", "make_loader", "ClipLoader", "SKIP_REASONS"]

@@ -1,0 +1,22 @@
+"""Small shared builders for tests: tiny configs and models that run in milliseconds on CPU."""
+import torch
+
+from vjepa_fast.config import load_config
+from vjepa_fast.masks import MaskGenerator
+
+TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.pred_depth=1",
+        "model.pred_embed_dim=16", "data.crop_size=32", "data.patch_size=8", "data.num_frames=4",
+        "data.batch_size=3", "data.num_workers=0"]
+
+
+def tiny_config(*overrides):
+    return load_config("demo", [*TINY, *overrides])
+
+
+def tiny_batch(cfg, step=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = cfg.data
+    clips = torch.randn(d.batch_size, 3, d.num_frames, d.crop_size, d.crop_size, generator=g)
+    gen = MaskGenerator(cfg.mask, d.crop_size, d.num_frames, d.patch_size, d.tubelet_size)
+    masks_enc, masks_pred = gen.gen(d.batch_size, step, generator=g)
+    return clips, masks_enc, masks_pred

@@ -1,0 +1,95 @@
+import csv
+
+import pytest
+import torch
+import yaml
+
+from helpers import TINY
+from vjepa_fast import cli
+from vjepa_fast.checkpoint import load_checkpoint
+from vjepa_fast.config import load_config
+from vjepa_fast.synthetic import ensure_synthetic_dataset
+from vjepa_fast.train import train
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return ensure_synthetic_dataset(str(root), num_videos=16, frames=24, size=40, progress=False)
+
+
+def _cfg(dataset, *extra):
+    return load_config("demo", [*TINY, f"data.datasets=[{dataset.motion_train_csv}]",
+                                "logging.checkpoint_every=2", *extra])
+
+
+def _losses(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def test_resumed_run_replays_the_uninterrupted_one(tiny_dataset, tmp_path):
+    cfg = _cfg(tiny_dataset)
+    full = train(cfg, tmp_path / "full", max_steps=6, progress=False)
+    train(cfg, tmp_path / "split", max_steps=3, progress=False)
+    resumed = train(cfg, tmp_path / "split", max_steps=6, resume=True, progress=False)
+    assert resumed.start_step == 3 and resumed.end_step == 6 == full.end_step
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
+    assert [s for s, _ in _losses(tmp_path / "full")] == list(range(6))
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoints" / "latest.pt")
+    assert a["step"] == b["step"] == 6
+    for net in ("encoder", "predictor", "target_encoder"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k}"
+
+
+def test_run_directory_contents(tiny_dataset, tmp_path):
+    cfg = _cfg(tiny_dataset, "optimization.warmup=0")  # clipping active from step 0
+    result = train(cfg, tmp_path / "run", max_steps=3, progress=False)
+    run = tmp_path / "run"
+    assert (run / "loss.png").stat().st_size > 0 and (run / "train.log").exists()
+    assert load_config(run / "config.yaml") == cfg
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    assert float(rows[0]["lr"]) == pytest.approx(cfg.optimization.lr, rel=1e-3)
+    assert float(rows[0]["momentum"]) == pytest.approx(0.998)
+    assert all(float(r["clips_per_s"]) > 0 and float(r["grad_norm_encoder"]) > 0 for r in rows)
+    assert result.first_loss == pytest.approx(float(rows[0]["loss"]), abs=1e-6)
+    state = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert {"encoder", "predictor", "target_encoder", "optimizer", "rng", "config", "step"} <= set(state)
+
+
+def test_ema_moves_the_target_towards_the_encoder(tiny_dataset, tmp_path):
+    cfg = _cfg(tiny_dataset, "optimization.ema=[0.5, 0.5]")
+    train(cfg, tmp_path / "run", max_steps=1, progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    torch.manual_seed(cfg.meta.seed)
+    from vjepa_fast.model import VJEPA
+
+    init = VJEPA(cfg).encoder.state_dict()  # same seed: the initial weights of the run
+    key = "blocks.0.attn.qkv.weight"
+    expected = 0.5 * init[key] + 0.5 * state["encoder"][key]
+    torch.testing.assert_close(state["target_encoder"][key], expected)
+
+
+def test_existing_checkpoint_needs_resume_or_overwrite(tiny_dataset, tmp_path):
+    cfg = _cfg(tiny_dataset)
+    train(cfg, tmp_path / "run", max_steps=1, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, tmp_path / "run", max_steps=2, progress=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(cfg, tmp_path / "other", resume=True, progress=False)
+    assert train(cfg, tmp_path / "run", max_steps=1, overwrite=True, progress=False).end_step == 1
+
+
+def test_cli_trains_and_reports_errors(tiny_dataset, tmp_path, capsys):
+    args = ["train", "--run-dir", str(tmp_path / "cli"), "--max-steps", "2", "--no-progress"]
+    sets = [x for o in [*TINY, f"data.datasets=[{tiny_dataset.motion_train_csv}]"] for x in ("--set", o)]
+    assert cli.main(args + sets) == 0
+    assert "loss" in capsys.readouterr().out
+    saved = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
+    assert saved["model"]["embed_dim"] == 32
+    assert cli.main(["train", "--set", "data.crop_size=30"]) == 2
+    assert "data.crop_size=30" in capsys.readouterr().err

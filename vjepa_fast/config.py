@@ -1,0 +1,418 @@
+"""Training configuration: dataclasses mirroring the official V-JEPA pretrain YAML, validated on load.
+
+A user's existing official YAML loads as it is: the sections and key names are the official ones
+(`data`, `data_aug`, `mask`, `meta`, `model`, `optimization`, `loss`, `logging`); keys this project adds
+have defaults; unknown keys produce one warning naming them. Every invalid value fails at load with a
+message naming the key and the value.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+# name -> (embed_dim, depth, num_heads, mlp_ratio); DESIGN section 3.
+MODEL_SIZES = {
+    "vit_tiny": (192, 12, 3, 4.0),
+    "vit_small": (384, 12, 6, 4.0),
+    "vit_base": (768, 12, 12, 4.0),
+    "vit_large": (1024, 24, 16, 4.0),
+    "vit_huge": (1280, 32, 16, 4.0),
+    "vit_giant": (1408, 40, 16, 48 / 11),
+}
+ATTN_BACKENDS = ("sdpa", "eager")
+DTYPES = ("bfloat16", "float32")  # the compute dtype on CUDA; CPU runs compute in fp32
+LOADERS = ("auto", "pyav")
+TRUNCATIONS = ("lowest", "random")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key and the value."""
+
+
+@dataclass
+class DataConfig:
+    dataset_type: str = "VideoDataset"
+    datasets: list[str] = field(default_factory=list)  # empty: the embedded synthetic dataset
+    datasets_weights: Optional[list[float]] = None
+    decode_one_clip: bool = True
+    batch_size: int = 24
+    num_clips: int = 1
+    num_frames: int = 16
+    tubelet_size: int = 2
+    sampling_rate: int = 4
+    crop_size: int = 224
+    patch_size: int = 16
+    pin_mem: bool = True
+    num_workers: int = 12
+    filter_short_videos: bool = False
+    clip_duration: Optional[float] = None
+    loader: str = "auto"
+    min_frames: Optional[int] = None  # None: the clip's frame count
+
+
+@dataclass
+class DataAugConfig:
+    auto_augment: bool = False
+    motion_shift: bool = False
+    random_resize_aspect_ratio: tuple[float, float] = (0.75, 1.35)
+    random_resize_scale: tuple[float, float] = (0.3, 1.0)
+    reprob: float = 0.0
+    horizontal_flip: bool = True
+
+
+@dataclass
+class MaskConfig:
+    aspect_ratio: tuple[float, float] = (0.75, 1.5)
+    num_blocks: int = 8
+    spatial_scale: tuple[float, float] = (0.15, 0.15)
+    temporal_scale: tuple[float, float] = (1.0, 1.0)
+    max_temporal_keep: float = 1.0
+    max_keep: Optional[int] = None
+    truncation: str = "lowest"  # batch-min cut: "lowest" (official) or "random"
+
+
+def _official_masks() -> list[MaskConfig]:
+    return [MaskConfig(num_blocks=8, spatial_scale=(0.15, 0.15)),
+            MaskConfig(num_blocks=2, spatial_scale=(0.7, 0.7))]
+
+
+@dataclass
+class MetaConfig:
+    load_checkpoint: bool = False
+    read_checkpoint: Optional[str] = None
+    seed: int = 234
+    eval_freq: int = 100
+    use_sdpa: bool = True
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class ModelConfig:
+    model_name: str = "vit_large"
+    pred_depth: int = 12
+    pred_embed_dim: int = 384
+    uniform_power: bool = True
+    use_mask_tokens: bool = True
+    zero_init_mask_tokens: bool = True
+    # Custom sizes beside the named ones (None: take the value of model_name).
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    pred_num_heads: Optional[int] = None  # None: the encoder's heads, as the official code
+    attn_backend: str = "sdpa"
+    # Official quirk kept for parity: under autocast the predictor's residual stream is fp32.
+    predictor_fp32_residual: bool = True
+
+
+@dataclass
+class OptimizationConfig:
+    ipe: int = 300
+    ipe_scale: float = 1.25
+    clip_grad: Optional[float] = 10.0
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    epochs: int = 300
+    warmup: float = 40
+    start_lr: float = 2e-4
+    lr: float = 6.25e-4
+    final_lr: float = 1e-6
+    ema: tuple[float, float] = (0.998, 1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+@dataclass
+class LossConfig:
+    loss_exp: float = 1.0
+    reg_coeff: float = 0.0
+
+
+@dataclass
+class LoggingConfig:
+    folder: Optional[str] = None
+    write_tag: str = "jepa"
+    checkpoint_every: int = 200  # steps
+    log_every: int = 1  # steps between progress-bar refreshes
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    data_aug: DataAugConfig = field(default_factory=DataAugConfig)
+    mask: list[MaskConfig] = field(default_factory=_official_masks)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Official top-level keys, kept so a round trip preserves them.
+    app: str = "vjepa"
+    nodes: Optional[int] = None
+    tasks_per_node: Optional[int] = None
+    name: str = "config"  # the YAML file's stem; names the default run directory
+
+    # ---- derived values -------------------------------------------------------------------------
+    @property
+    def encoder_size(self) -> tuple[int, int, int, float]:
+        """(embed_dim, depth, num_heads, mlp_ratio) after custom overrides."""
+        dim, depth, heads, ratio = MODEL_SIZES[self.model.model_name]
+        m = self.model
+        return (m.embed_dim or dim, m.depth or depth, m.num_heads or heads, m.mlp_ratio or ratio)
+
+    @property
+    def total_steps(self) -> int:
+        """Steps actually trained: epochs x iterations per epoch."""
+        return self.optimization.epochs * self.optimization.ipe
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value):
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# ---- building dataclasses from plain data, with type checks --------------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str, unknown: list):
+    """Return `value` converted to type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, unknown)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value] if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", unknown) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]", unknown) for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key, unknown)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # PyYAML reads '1e-6' (no dot) as a string: accept any string that parses as a number.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported config field type {_type_name(tp)}")
+
+
+def _build(cls, data: dict, prefix: str, unknown: list):
+    """Instantiate dataclass `cls` from `data`; keys it does not have are appended to `unknown`."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            unknown.append(key)
+            continue
+        kwargs[k] = _coerce(v, hints[k], key, unknown)
+    return cls(**kwargs)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+def _check(ok: bool, key: str, value, why: str):
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _check_range(key: str, pair: Sequence[float], lo: float, hi: float, lo_open: bool = True):
+    for v in pair:
+        inside = (v > lo if lo_open else v >= lo) and v <= hi
+        _check(inside, key, list(pair), f"values must lie in {'(' if lo_open else '['}{lo}, {hi}]")
+    _check(pair[0] <= pair[1], key, list(pair), "the first value must not exceed the second")
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError naming the first invalid key and value."""
+    d, m, o = cfg.data, cfg.model, cfg.optimization
+    _check(m.model_name in MODEL_SIZES, "model.model_name", m.model_name,
+           f"unknown model; choose one of {', '.join(MODEL_SIZES)}")
+    for key in ("batch_size", "num_frames", "tubelet_size", "sampling_rate", "crop_size", "patch_size"):
+        _check(getattr(d, key) > 0, f"data.{key}", getattr(d, key), "must be positive")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(d.crop_size % d.patch_size == 0, "data.crop_size", d.crop_size,
+           f"must be divisible by data.patch_size={d.patch_size}")
+    _check(d.num_frames % d.tubelet_size == 0, "data.num_frames", d.num_frames,
+           f"must be divisible by data.tubelet_size={d.tubelet_size}")
+    _check(d.num_clips == 1, "data.num_clips", d.num_clips, "pretraining uses one clip per video")
+    _check(d.loader in LOADERS, "data.loader", d.loader, f"choose one of {', '.join(LOADERS)}")
+    if d.min_frames is not None:
+        _check(d.min_frames >= 1, "data.min_frames", d.min_frames, "must be >= 1")
+    if d.datasets_weights is not None:
+        _check(len(d.datasets_weights) == len(d.datasets), "data.datasets_weights", d.datasets_weights,
+               f"needs one weight per dataset ({len(d.datasets)})")
+        _check(all(w > 0 for w in d.datasets_weights), "data.datasets_weights", d.datasets_weights,
+               "weights must be positive")
+
+    a = cfg.data_aug
+    _check_range("data_aug.random_resize_scale", a.random_resize_scale, 0.0, 1.0)
+    _check(0 < a.random_resize_aspect_ratio[0] <= a.random_resize_aspect_ratio[1],
+           "data_aug.random_resize_aspect_ratio", list(a.random_resize_aspect_ratio),
+           "must be positive and increasing")
+    for key in ("auto_augment", "motion_shift"):
+        _check(not getattr(a, key), f"data_aug.{key}", getattr(a, key), "not supported (the paper does not use it)")
+    _check(a.reprob == 0.0, "data_aug.reprob", a.reprob, "random erasing is not supported (the paper does not use it)")
+
+    _check(len(cfg.mask) >= 1, "mask", cfg.mask, "needs at least one mask config")
+    for i, mk in enumerate(cfg.mask):
+        p = f"mask[{i}]"
+        _check_range(f"{p}.spatial_scale", mk.spatial_scale, 0.0, 1.0)
+        _check_range(f"{p}.temporal_scale", mk.temporal_scale, 0.0, 1.0)
+        _check(0 < mk.aspect_ratio[0] <= mk.aspect_ratio[1], f"{p}.aspect_ratio", list(mk.aspect_ratio),
+               "must be positive and increasing")
+        _check(mk.num_blocks >= 1, f"{p}.num_blocks", mk.num_blocks, "must be >= 1")
+        _check(0 < mk.max_temporal_keep <= 1, f"{p}.max_temporal_keep", mk.max_temporal_keep, "must lie in (0, 1]")
+        _check(mk.max_keep is None or mk.max_keep >= 1, f"{p}.max_keep", mk.max_keep, "must be >= 1 or null")
+        _check(mk.truncation in TRUNCATIONS, f"{p}.truncation", mk.truncation,
+               f"choose one of {', '.join(TRUNCATIONS)}")
+
+    _check(cfg.meta.dtype in DTYPES, "meta.dtype", cfg.meta.dtype, f"choose one of {', '.join(DTYPES)}")
+    _check(m.attn_backend in ATTN_BACKENDS, "model.attn_backend", m.attn_backend,
+           f"choose one of {', '.join(ATTN_BACKENDS)}")
+    _check(m.use_mask_tokens, "model.use_mask_tokens", m.use_mask_tokens,
+           "only the mask-token predictor (the paper's) is supported")
+    dim, depth, heads, ratio = cfg.encoder_size
+    for key, v in (("embed_dim", dim), ("depth", depth), ("num_heads", heads), ("mlp_ratio", ratio),
+                   ("pred_depth", m.pred_depth), ("pred_embed_dim", m.pred_embed_dim)):
+        _check(v > 0, f"model.{key}", v, "must be positive")
+    _check(dim % heads == 0, "model.num_heads", heads, f"must divide the embedding dim {dim}")
+    pred_heads = m.pred_num_heads or heads
+    _check(m.pred_embed_dim % pred_heads == 0, "model.pred_embed_dim", m.pred_embed_dim,
+           f"must be divisible by the predictor's heads ({pred_heads})")
+
+    for key in ("ipe", "epochs"):
+        _check(getattr(o, key) >= 1, f"optimization.{key}", getattr(o, key), "must be >= 1")
+    _check(o.ipe_scale >= 1.0, "optimization.ipe_scale", o.ipe_scale, "must be >= 1")
+    _check(0 <= o.warmup <= o.epochs * o.ipe_scale, "optimization.warmup", o.warmup,
+           "must lie between 0 and epochs*ipe_scale")
+    for key in ("start_lr", "lr", "final_lr", "weight_decay", "final_weight_decay"):
+        v = getattr(o, key)
+        _check(v >= 0 and math.isfinite(v), f"optimization.{key}", v, "must be a finite number >= 0")
+    _check(o.clip_grad is None or o.clip_grad > 0, "optimization.clip_grad", o.clip_grad, "must be > 0 or null")
+    _check_range("optimization.ema", o.ema, 0.0, 1.0, lo_open=False)
+    _check(all(0 <= b < 1 for b in o.betas), "optimization.betas", list(o.betas), "must lie in [0, 1)")
+    _check(cfg.loss.loss_exp > 0, "loss.loss_exp", cfg.loss.loss_exp, "must be > 0")
+    _check(cfg.loss.reg_coeff == 0.0, "loss.reg_coeff", cfg.loss.reg_coeff,
+           "the variance regulariser is not supported (the paper trains with 0)")
+    _check(cfg.logging.checkpoint_every >= 1, "logging.checkpoint_every", cfg.logging.checkpoint_every, "must be >= 1")
+    _check(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "must be >= 1")
+    return cfg
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+def _apply_override(tree: dict, assignment: str):
+    """Apply one `section.key=value` (value parsed as YAML; list items by index: mask.0.num_blocks=4)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected section.key=value")
+    path, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw)
+    parts = path.strip().split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {path!r}: {part!r} is not an index of a {len(node)}-item list")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {path!r}: {'.'.join(parts[:i])} is not a section")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+
+
+def config_from_dict(tree: dict, name: str = "config") -> Config:
+    """Build and validate a Config from a plain (YAML-loaded) mapping."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {name!r}: expected a mapping at the top level, got {type(tree).__name__}")
+    tree = dict(tree)
+    tree.setdefault("name", name)
+    unknown: list[str] = []
+    cfg = _build(Config, tree, "", unknown)
+    if unknown:
+        warnings.warn(f"unknown config keys ignored: {', '.join(unknown)}", stacklevel=2)
+    return validate(cfg)
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A path as given, or a shipped config by name (`demo`, `vitl16`, ...)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = CONFIG_DIR / f"{p.name}.yaml" if p.suffix == "" else CONFIG_DIR / p.name
+    if shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"config file not found: {path} (shipped configs: "
+                            f"{', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml')))})")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (a path or a shipped name), apply `section.key=value` overrides, validate."""
+    p = resolve_config_path(path)
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    tree = copy.deepcopy(tree)
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    tree["name"] = tree.get("name") or p.stem
+    return config_from_dict(tree, name=tree["name"])
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

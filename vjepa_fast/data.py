@@ -1,0 +1,35 @@
+"""The trainer's view of the data: a config -> a stream of (clips, labels) batches from dali_pipelines."""
+from __future__ import annotations
+
+import logging
+
+from dali_pipelines import ClipSpec, make_loader
+
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+
+def clip_spec(cfg: Config, train: bool = True) -> ClipSpec:
+    d, a = cfg.data, cfg.data_aug
+    return ClipSpec(num_frames=d.num_frames, sampling_rate=d.sampling_rate, crop_size=d.crop_size,
+                    random_resize_scale=tuple(a.random_resize_scale),
+                    random_resize_aspect_ratio=tuple(a.random_resize_aspect_ratio),
+                    horizontal_flip=a.horizontal_flip, min_frames=d.min_frames, train=train)
+
+
+def dataset_paths(cfg: Config) -> list[str]:
+    """The configured dataset files, or the embedded synthetic dataset's motion file when none is set."""
+    if cfg.data.datasets:
+        return list(cfg.data.datasets)
+    from .synthetic import ensure_synthetic_dataset
+
+    synthetic = ensure_synthetic_dataset()
+    log.info("no data.datasets configured: training on the embedded synthetic dataset at %s", synthetic.root)
+    return [str(synthetic.motion_train_csv)]
+
+
+def build_train_loader(cfg: Config, *, start_step: int = 0, rank: int = 0, world_size: int = 1):
+    return make_loader(dataset_paths(cfg), clip_spec(cfg), batch_size=cfg.data.batch_size, seed=cfg.meta.seed,
+                       weights=cfg.data.datasets_weights, start_step=start_step, rank=rank,
+                       world_size=world_size, num_workers=cfg.data.num_workers, loader=cfg.data.loader)

@@ -1,0 +1,50 @@
+"""The narrow V-JEPA predictor: context tokens plus per-mask learnable mask tokens -> predicted target features."""
+import torch
+from torch import nn
+
+from .pos_embed import sincos_3d
+from .vit import LN_EPS, Block, gather_tokens, init_weights
+
+
+class Predictor(nn.Module):
+    """forward(z, mask_ctx, mask_tgt, mask_index) -> [B, K_tgt, embed_dim] predictions at the target indices."""
+
+    def __init__(self, *, num_frames: int = 16, img_size: int = 224, patch_size: int = 16, tubelet_size: int = 2,
+                 embed_dim: int = 1024, predictor_embed_dim: int = 384, depth: int = 12, num_heads: int = 16,
+                 mlp_ratio: float = 4.0, uniform_power: bool = True, num_mask_tokens: int = 2,
+                 zero_init_mask_tokens: bool = True, attn_backend: str = "sdpa", fp32_residual: bool = True):
+        super().__init__()
+        grid_depth, grid_size = num_frames // tubelet_size, img_size // patch_size
+        self.fp32_residual = fp32_residual
+        self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim)
+        self.mask_tokens = nn.ParameterList(
+            nn.Parameter(torch.zeros(1, 1, predictor_embed_dim)) for _ in range(num_mask_tokens))
+        pos = sincos_3d(predictor_embed_dim, grid_depth, grid_size, uniform_power)
+        self.predictor_pos_embed = nn.Parameter(pos.unsqueeze(0), requires_grad=False)
+        self.predictor_blocks = nn.ModuleList(
+            Block(predictor_embed_dim, num_heads, mlp_ratio, attn_backend) for _ in range(depth))
+        self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=LN_EPS)
+        self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim)
+        init_weights(self, self.predictor_blocks)
+        if not zero_init_mask_tokens:
+            for tok in self.mask_tokens:
+                nn.init.trunc_normal_(tok, std=0.02)
+
+    def set_attn_backend(self, backend: str) -> None:
+        for blk in self.predictor_blocks:
+            blk.attn.backend = backend
+
+    def forward(self, z: torch.Tensor, mask_ctx: torch.Tensor, mask_tgt: torch.Tensor,
+                mask_index: int) -> torch.Tensor:
+        B = z.size(0)
+        pos = self.predictor_pos_embed.expand(B, -1, -1)
+        x = self.predictor_embed(z)
+        x = x + gather_tokens(pos, mask_ctx).to(x.dtype)
+        tgt = self.mask_tokens[mask_index % len(self.mask_tokens)] + gather_tokens(pos, mask_tgt)
+        # Official quirk: fp32 mask tokens concatenated to a low-precision context make the stream fp32.
+        dtype = torch.promote_types(x.dtype, tgt.dtype) if self.fp32_residual else x.dtype
+        x = torch.cat([x.to(dtype), tgt.to(dtype)], dim=1)
+        for blk in self.predictor_blocks:
+            x = blk(x)
+        n_ctx = mask_ctx.size(1)
+        return self.predictor_proj(self.predictor_norm(x)[:, n_ctx:])

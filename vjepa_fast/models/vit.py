@@ -1,0 +1,134 @@
+"""Video ViT encoder (DESIGN section 3): 3D patch embed, fixed sin-cos positions, pre-norm blocks.
+
+Parameter names follow the official V-JEPA code, so official checkpoints load after stripping their
+`module.` / `backbone.` prefixes.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .pos_embed import sincos_3d
+
+LN_EPS = 1e-6
+INIT_STD = 0.02
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, N, D], idx int64 [B, K] -> x[b, idx[b]] as [B, K, D]."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; `backend` is "sdpa" (F.scaled_dot_product_attention) or "eager" (plain math)."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "sdpa"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.backend == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif self.backend == "eager":
+            attn = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+            out = attn.softmax(dim=-1) @ v
+        else:
+            raise ValueError(f"unknown attention backend {self.backend!r} (choose sdpa or eager)")
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attn_backend: str = "sdpa"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, num_heads, attn_backend)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed3D(nn.Module):
+    """[B, 3, T, H, W] -> [B, T/tubelet * H/patch * W/patch, D] tokens in t, h, w order."""
+
+    def __init__(self, patch_size: int, tubelet_size: int, embed_dim: int, in_chans: int = 3):
+        super().__init__()
+        k = (tubelet_size, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=k, stride=k)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def init_weights(module: nn.Module, blocks: nn.ModuleList) -> None:
+    """Official init: trunc-normal(0.02) for Linear/Conv weights, zero biases, unit LayerNorm weights, then the
+    output projections of block l (attn.proj, mlp.fc2) divided by sqrt(2*l)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv3d)):
+            nn.init.trunc_normal_(m.weight, std=INIT_STD)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        for layer_id, blk in enumerate(blocks, start=1):
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+
+class VisionTransformer(nn.Module):
+    """The V-JEPA video encoder. forward(x, mask=None): all tokens, or only those at `mask` [B, K] indices."""
+
+    def __init__(self, *, img_size: int = 224, num_frames: int = 16, patch_size: int = 16, tubelet_size: int = 2,
+                 embed_dim: int = 1024, depth: int = 24, num_heads: int = 16, mlp_ratio: float = 4.0,
+                 uniform_power: bool = True, attn_backend: str = "sdpa"):
+        super().__init__()
+        self.img_size, self.num_frames = img_size, num_frames
+        self.patch_size, self.tubelet_size = patch_size, tubelet_size
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.grid_depth, self.grid_size = num_frames // tubelet_size, img_size // patch_size
+        self.num_patches = self.grid_depth * self.grid_size ** 2
+        self.patch_embed = PatchEmbed3D(patch_size, tubelet_size, embed_dim)
+        pos = sincos_3d(embed_dim, self.grid_depth, self.grid_size, uniform_power)
+        self.pos_embed = nn.Parameter(pos.unsqueeze(0), requires_grad=False)  # in checkpoints, never trained
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, attn_backend) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        init_weights(self, self.blocks)
+
+    def set_attn_backend(self, backend: str) -> None:
+        for blk in self.blocks:
+            blk.attn.backend = backend
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        expected = (3, self.num_frames, self.img_size, self.img_size)
+        if x.dim() != 5 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"encoder expects clips [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        x = self.patch_embed(x) + self.pos_embed
+        if mask is not None:
+            x = gather_tokens(x, mask)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)

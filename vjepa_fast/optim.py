@@ -1,0 +1,74 @@
+"""AdamW with the official two weight-decay groups, and the official lr / weight-decay / EMA schedules.
+
+Every schedule runs over `ipe_scale * epochs * ipe` steps, so with ipe_scale > 1 its tail is never reached.
+The schedules are pure functions of the step, so a resumed run recomputes them exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import OptimizationConfig
+
+
+def param_groups(*modules: nn.Module) -> list[dict]:
+    """Per module: weights with decay, then biases and 1-D parameters without (`WD_exclude`)."""
+    decay, no_decay = [], []
+    for module in modules:
+        decay.append([p for n, p in module.named_parameters() if p.requires_grad and "bias" not in n and p.dim() != 1])
+        no_decay.append([p for n, p in module.named_parameters() if p.requires_grad and ("bias" in n or p.dim() == 1)])
+    return ([{"params": ps} for ps in decay]
+            + [{"params": ps, "WD_exclude": True, "weight_decay": 0.0} for ps in no_decay])
+
+
+def build_optimizer(opt: OptimizationConfig, *modules: nn.Module, fused: bool = False) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(*modules), lr=opt.start_lr, betas=opt.betas, eps=opt.eps,
+                             weight_decay=opt.weight_decay, fused=fused or None)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """lr(s) and wd(s) take the 1-based step s (the official schedulers step before each iteration);
+    momentum(i) takes the 0-based iteration i (the official generator yields its first value first)."""
+
+    start_lr: float
+    ref_lr: float
+    final_lr: float
+    warmup_steps: int
+    ref_wd: float
+    final_wd: float
+    ema_start: float
+    ema_end: float
+    total: int  # schedule length: ipe_scale * epochs * ipe
+
+    @classmethod
+    def from_config(cls, opt: OptimizationConfig) -> "Schedule":
+        return cls(start_lr=opt.start_lr, ref_lr=opt.lr, final_lr=opt.final_lr,
+                   warmup_steps=int(opt.warmup * opt.ipe), ref_wd=opt.weight_decay,
+                   final_wd=opt.final_weight_decay, ema_start=opt.ema[0], ema_end=opt.ema[1],
+                   total=int(opt.ipe_scale * opt.epochs * opt.ipe))
+
+    def lr(self, s: int) -> float:
+        if s < self.warmup_steps:
+            return self.start_lr + s / max(1, self.warmup_steps) * (self.ref_lr - self.start_lr)
+        progress = (s - self.warmup_steps) / max(1, self.total - self.warmup_steps)
+        cosine = self.final_lr + (self.ref_lr - self.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(self.final_lr, cosine)
+
+    def wd(self, s: int) -> float:
+        progress = s / self.total
+        wd = self.final_wd + (self.ref_wd - self.final_wd) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(self.final_wd, wd) if self.final_wd <= self.ref_wd else min(self.final_wd, wd)
+
+    def momentum(self, i: int) -> float:
+        return self.ema_start + i * (self.ema_end - self.ema_start) / self.total
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if not group.get("WD_exclude", False):
+            group["weight_decay"] = wd
