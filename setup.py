@@ -9,6 +9,7 @@ setup(
                                     "dali_pipelines", "dali_pipelines.*", "bench", "bench.*"]),
     install_requires=[
         "torch>=2.4",
+        "triton",
         "numpy",
         "pyyaml",
         "tqdm",

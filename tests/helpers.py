@@ -1,5 +1,8 @@
 """Small shared builders for tests: tiny configs and models that run in milliseconds on CPU."""
+import pytest
 import torch
+
+import kernels
 
 from vjepa_fast.config import load_config
 from vjepa_fast.masks import MaskGenerator
@@ -20,3 +23,9 @@ def tiny_batch(cfg, step=0, seed=0):
     gen = MaskGenerator(cfg.mask, d.crop_size, d.num_frames, d.patch_size, d.tubelet_size)
     masks_enc, masks_pred = gen.gen(d.batch_size, step, generator=g)
     return clips, masks_enc, masks_pred
+
+# Triton kernels run on CUDA, and on CPU tensors only under the Triton interpreter.
+KERNEL_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not kernels.runs_on_cpu(), reason="CPU needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]

@@ -30,9 +30,10 @@ MODEL_SIZES = {
     "vit_huge": (1280, 32, 16, 4.0),
     "vit_giant": (1408, 40, 16, 48 / 11),
 }
-ATTN_BACKENDS = ("sdpa", "eager")
+ATTN_BACKENDS = ("sdpa", "xformers", "eager")
 DTYPES = ("bfloat16", "float32")  # the compute dtype on CUDA; CPU runs compute in fp32
 LOADERS = ("auto", "pyav")
+PATHS = ("fast", "reference")
 TRUNCATIONS = ("lowest", "random")
 
 
@@ -95,6 +96,7 @@ class MetaConfig:
     eval_freq: int = 100
     use_sdpa: bool = True
     dtype: str = "bfloat16"
+    path: str = "fast"  # the training step: "fast" (packed masks, fused kernels) or "reference" (official)
 
 
 @dataclass
@@ -112,6 +114,8 @@ class ModelConfig:
     mlp_ratio: Optional[float] = None
     pred_num_heads: Optional[int] = None  # None: the encoder's heads, as the official code
     attn_backend: str = "sdpa"
+    compile: bool = False  # fast path: torch.compile the blocks' row-wise parts (dynamic token count)
+    activation_checkpointing: bool = False  # fast path: recompute block activations in the backward
     # Official quirk kept for parity: under autocast the predictor's residual stream is fp32.
     predictor_fp32_residual: bool = True
 
@@ -144,7 +148,7 @@ class LoggingConfig:
     folder: Optional[str] = None
     write_tag: str = "jepa"
     checkpoint_every: int = 200  # steps
-    log_every: int = 1  # steps between progress-bar refreshes
+    log_every: int = 10  # steps between metric flushes (one host sync each) and progress-bar refreshes
 
 
 @dataclass
@@ -316,6 +320,9 @@ def validate(cfg: Config) -> Config:
         _check(mk.truncation in TRUNCATIONS, f"{p}.truncation", mk.truncation,
                f"choose one of {', '.join(TRUNCATIONS)}")
 
+    _check(cfg.meta.path in PATHS, "meta.path", cfg.meta.path, f"choose one of {', '.join(PATHS)}")
+    _check(cfg.meta.path == "reference" or cfg.loss.loss_exp >= 1, "loss.loss_exp", cfg.loss.loss_exp,
+           "the fused loss needs loss_exp >= 1; use meta.path=reference for smaller exponents")
     _check(cfg.meta.dtype in DTYPES, "meta.dtype", cfg.meta.dtype, f"choose one of {', '.join(DTYPES)}")
     _check(m.attn_backend in ATTN_BACKENDS, "model.attn_backend", m.attn_backend,
            f"choose one of {', '.join(ATTN_BACKENDS)}")

@@ -8,9 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 from .checkpoint import NETWORKS, load_state_strict
 from .config import Config
 from .models import Predictor, VisionTransformer, gather_tokens
+from .models.packed import PackedLayout
 
 TARGET_LN_EPS = 1e-5
 
@@ -38,7 +41,7 @@ def build_predictor(cfg: Config) -> Predictor:
 class VJEPA(nn.Module):
     """Holds `.encoder`, `.predictor` and `.target_encoder` (an EMA copy of the encoder, never trained)."""
 
-    PATHS = ("reference",)
+    PATHS = ("reference", "fast")
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -47,6 +50,10 @@ class VJEPA(nn.Module):
         self.predictor = build_predictor(cfg)
         self.target_encoder = copy.deepcopy(self.encoder)
         self.target_encoder.requires_grad_(False)
+        for net in (self.encoder, self.predictor, self.target_encoder):
+            net.compiled = cfg.model.compile
+        for net in (self.encoder, self.predictor):
+            net.activation_checkpointing = cfg.model.activation_checkpointing
 
     def set_attn_backend(self, backend: str) -> None:
         for net in (self.encoder, self.predictor, self.target_encoder):
@@ -68,6 +75,8 @@ class VJEPA(nn.Module):
             raise ValueError(f"unknown loss path {path!r}; available: {', '.join(self.PATHS)}")
         if len(masks_enc) != len(masks_pred):
             raise ValueError(f"got {len(masks_enc)} context masks but {len(masks_pred)} prediction masks")
+        if path == "fast":
+            return self._fast_loss(clips, masks_enc, masks_pred)
         return self._reference_loss(clips, masks_enc, masks_pred)
 
     def _reference_loss(self, clips, masks_enc, masks_pred):
@@ -81,3 +90,26 @@ class VJEPA(nn.Module):
             z = self.predictor(self.encoder(clips, m_enc), m_enc, m_pred, i)
             loss = loss + torch.mean(torch.abs(z - gather_tokens(h, m_pred)) ** p) / p
         return loss / len(masks_pred)
+
+    def _fast_loss(self, clips, masks_enc, masks_pred):
+        """The same function with less work: one patch-embed, one fused gather of every mask's context tokens,
+        one context-encoder and one predictor pass over the packed masks, the target encoder once, and the
+        target layer-norm + L1 fused (never materialising normalised or gathered targets)."""
+        gather, l1 = _kernel_ops(clips.device)
+        with torch.no_grad():
+            h = self.target_encoder.forward_dense_packed(clips)
+        enc = self.encoder
+        tokens = enc.embed(clips)
+        x, _ = gather(tokens, masks_enc, pos=enc.pos_embed[0])
+        B = clips.size(0)
+        z = enc.forward_packed(x.to(tokens.dtype), PackedLayout.uniform(B, [m.size(1) for m in masks_enc]))
+        pred = self.predictor.forward_packed(z, masks_enc, masks_pred)
+        return l1(pred, h, masks_pred, eps=TARGET_LN_EPS, loss_exp=self.loss_exp)
+
+
+def _kernel_ops(device: torch.device):
+    """(gather_tokens, masked_l1_loss): the Triton kernels where they run (CUDA, or the Triton interpreter),
+    their PyTorch references elsewhere."""
+    if device.type == "cuda" or kernels.runs_on_cpu():
+        return kernels.gather_tokens, kernels.masked_l1_loss
+    return kernels.gather_tokens_reference, kernels.masked_l1_loss_reference

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import kernels
+
 from . import checkpoint as ckpt
 from .config import Config, save_config
 from .data import build_train_loader
@@ -56,9 +58,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def mask_generator_for(cfg: Config, device: torch.device, step: int) -> torch.Generator:
-    """The generator of the mask positions of `step`: seeded by (seed, step) so resume replays it."""
-    return torch.Generator(device=device).manual_seed(cfg.meta.seed * 1_000_003 + step)
+def mask_generator_for(cfg: Config, step: int) -> torch.Generator:
+    """The (CPU) generator of the mask positions of `step`: seeded by (seed, step) so resume replays it."""
+    return torch.Generator().manual_seed(cfg.meta.seed * 1_000_003 + step)
 
 
 def autocast_for(cfg: Config, device: torch.device):
@@ -68,11 +70,60 @@ def autocast_for(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
-def ema_update(model: VJEPA, momentum: float) -> None:
-    """target = momentum * target + (1 - momentum) * encoder, for every parameter."""
-    torch._foreach_lerp_(list(model.target_encoder.parameters()), list(model.encoder.parameters()),
-                         1.0 - momentum)
+class EMA:
+    """target = m * target + (1 - m) * encoder after each step: `torch._foreach_lerp_` over the parameter lists,
+    or (fused) one Triton launch over flat parameter buffers where the kernels run."""
+
+    def __init__(self, model: VJEPA, fused: bool):
+        self.target = list(model.target_encoder.parameters())
+        self.source = list(model.encoder.parameters())
+        device = self.source[0].device
+        self.flat = None
+        if fused and (device.type == "cuda" or kernels.runs_on_cpu()):
+            self.flat = (kernels.flatten_params(model.target_encoder), kernels.flatten_params(model.encoder))
+
+    @torch.no_grad()
+    def __call__(self, momentum: float) -> None:
+        if self.flat is not None:
+            kernels.ema_(*self.flat, momentum)
+        else:
+            torch._foreach_lerp_(self.target, self.source, 1.0 - momentum)
+
+
+class StepLog:
+    """Per-step metrics kept on the device and written to metrics.csv in one host synchronisation per flush."""
+
+    def __init__(self, metrics: MetricsLog, batch: int, skipped_inputs):
+        self.metrics, self.batch, self.skipped_inputs = metrics, batch, skipped_inputs
+        self.rows: list[tuple] = []
+        self.since = time.perf_counter()
+        self.first_loss = self.last_loss = float("nan")
+        self.nonfinite_step: int | None = None  # the first step whose loss was not finite
+
+    def add(self, step, loss, norm_enc, norm_pred, lr, wd, momentum, data_s) -> None:
+        self.rows.append((step, torch.stack([loss.float(), norm_enc.float(), norm_pred.float()]), lr, wd, momentum,
+                          data_s))
+
+    def flush(self) -> dict | None:
+        """Write the pending rows; returns the last one (None if nothing was pending)."""
+        if not self.rows:
+            return None
+        values = torch.stack([r[1] for r in self.rows]).tolist()
+        now = time.perf_counter()
+        step_s = (now - self.since) / len(self.rows)  # wall time per step over the window (device included)
+        skipped = self.skipped_inputs()
+        for (step, _, lr, wd, momentum, data_s), (loss, n_enc, n_pred) in zip(self.rows, values):
+            row = {"step": step, "loss": loss, "lr": lr, "wd": wd, "momentum": momentum, "grad_norm_encoder": n_enc,
+                   "grad_norm_predictor": n_pred, "clips_per_s": self.batch / step_s, "step_s": step_s,
+                   "data_s": data_s, "skipped_inputs": skipped}
+            self.metrics.write(row)
+            if math.isnan(self.first_loss):
+                self.first_loss = loss
+            self.last_loss = loss
+            if not math.isfinite(loss) and self.nonfinite_step is None:
+                self.nonfinite_step = step
+        self.rows, self.since = [], now
+        return row
 
 
 def _grad_norm_and_clip(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
@@ -119,6 +170,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
            progress: bool) -> TrainResult:
     seed_everything(cfg.meta.seed)
     model = VJEPA(cfg).to(device)
+    ema = EMA(model, fused=cfg.meta.path == "fast")  # flattens the parameters: before the optimizer sees them
     optimizer = build_optimizer(cfg.optimization, model.encoder, model.predictor, fused=device.type == "cuda")
     schedule = Schedule.from_config(cfg.optimization)
     total = min(cfg.total_steps, max_steps) if max_steps else cfg.total_steps
@@ -152,7 +204,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
     log.info("training %s on %s: steps %d -> %d, batch %d, run dir %s", cfg.name, device, start, total, batch,
              run.root)
 
-    first_loss = last_loss = float("nan")
+    pending = StepLog(metrics, batch, lambda: sum(loader.stats.values()))
     t_start = time.perf_counter()
     step = start
     bar = tqdm(total=total, initial=start, disable=not progress, desc=cfg.name, unit="step", dynamic_ncols=True)
@@ -163,42 +215,39 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
             clips, _labels = next(loader)
             clips = clips.to(device, non_blocking=True)
             t_data = time.perf_counter() - t0
-            masks_enc, masks_pred = masks.gen(batch, step, device, mask_generator_for(cfg, device, step))
+            # masks are drawn on the CPU (no device sync for their sizes) while the device works
+            masks_enc, masks_pred = masks.gen(batch, step, generator=mask_generator_for(cfg, step))
+            masks_enc = [m.to(device, non_blocking=True) for m in masks_enc]
+            masks_pred = [m.to(device, non_blocking=True) for m in masks_pred]
             lr, wd = schedule.lr(step + 1), schedule.wd(step + 1)
             apply_schedule(optimizer, lr, wd)
 
             with autocast_for(cfg, device):
-                loss = model.loss(clips, masks_enc, masks_pred)
+                loss = model.loss(clips, masks_enc, masks_pred, path=cfg.meta.path)
             loss.backward()
             max_norm = cfg.optimization.clip_grad if step >= clip_after else None
             norm_enc = _grad_norm_and_clip(model.encoder, max_norm)
             norm_pred = _grad_norm_and_clip(model.predictor, max_norm)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite loss {loss_value} at step {step}; the last checkpoint "
-                                         f"({run.latest}) is intact. Try a lower optimization.lr.")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             momentum = schedule.momentum(step)
-            ema_update(model, momentum)
+            ema(momentum)
+            pending.add(step, loss.detach(), norm_enc, norm_pred, lr, wd, momentum, t_data)
             step += 1
-
-            dt = time.perf_counter() - t0
-            metrics.write({"step": step - 1, "loss": f"{loss_value:.6f}", "lr": f"{lr:.6e}", "wd": f"{wd:.6f}",
-                           "momentum": f"{momentum:.6f}", "grad_norm_encoder": f"{norm_enc.item():.6g}",
-                           "grad_norm_predictor": f"{norm_pred.item():.6g}", "clips_per_s": f"{batch / dt:.2f}",
-                           "step_s": f"{dt:.4f}", "data_s": f"{t_data:.4f}",
-                           "skipped_inputs": sum(loader.stats.values())})
-            if math.isnan(first_loss):
-                first_loss = loss_value
-            last_loss = loss_value
             bar.update(1)
             if step % cfg.logging.log_every == 0 or step == total:
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", clips_s=f"{batch / dt:.1f}")
+                last = pending.flush()  # the one host synchronisation every log_every steps
+                if pending.nonfinite_step is not None:
+                    raise FloatingPointError(f"non-finite loss at step {pending.nonfinite_step}; the last checkpoint "
+                                             f"({run.latest}) is intact. Try a lower optimization.lr.")
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                clips_s=f"{last['clips_per_s']:.1f}")
             if step % cfg.logging.checkpoint_every == 0 or step == total:
+                pending.flush()
                 save(step)
     except KeyboardInterrupt:
         log.warning("interrupted at step %d: saving %s", step, run.latest)
+        pending.flush()
         save(step)
         raise
     finally:
@@ -209,5 +258,5 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
             plot_loss(run.metrics, run.loss_plot, title=f"{cfg.name}: V-JEPA loss")
     seconds = time.perf_counter() - t_start
     log.info("done: steps %d -> %d in %.1f s, loss %.4f -> %.4f; checkpoint %s", start, step, seconds,
-             first_loss, last_loss, run.latest)
-    return TrainResult(run.root, start, step, first_loss, last_loss, seconds)
+             pending.first_loss, pending.last_loss, run.latest)
+    return TrainResult(run.root, start, step, pending.first_loss, pending.last_loss, seconds)

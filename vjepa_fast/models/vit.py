@@ -8,7 +8,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from . import packed
 from .pos_embed import sincos_3d
 
 LN_EPS = 1e-6
@@ -21,7 +23,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; `backend` is "sdpa" (F.scaled_dot_product_attention) or "eager" (plain math)."""
+    """Multi-head self-attention; `backend` "eager" is the plain math, any other uses F.scaled_dot_product_attention
+    on these dense sequences (the backends differ on packed sequences, see packed.py)."""
 
     def __init__(self, dim: int, num_heads: int, backend: str = "sdpa"):
         super().__init__()
@@ -34,13 +37,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.backend == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v)
-        elif self.backend == "eager":
+        if self.backend == "eager":
             attn = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
             out = attn.softmax(dim=-1) @ v
+        elif self.backend in ("sdpa", "xformers"):  # dense sequences: SDPA picks flash / cuDNN / efficient
+            out = F.scaled_dot_product_attention(q, k, v)
         else:
-            raise ValueError(f"unknown attention backend {self.backend!r} (choose sdpa or eager)")
+            raise ValueError(f"unknown attention backend {self.backend!r} (choose sdpa, xformers or eager)")
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -68,6 +71,26 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def forward_packed(self, x: torch.Tensor, layout: packed.PackedLayout, compiled: bool = False) -> torch.Tensor:
+        """The same block over a packed [T, C] matrix of sequences described by `layout`."""
+        attn_in, attn_out_mlp = packed.compiled_rowwise() if compiled else (packed.attn_in, packed.attn_out_mlp)
+        qkv = attn_in(x, self.norm1.weight, self.norm1.bias, self.attn.qkv.weight, self.attn.qkv.bias, LN_EPS)
+        a = packed.packed_attention(qkv, layout, self.attn.num_heads, self.attn.backend)
+        return attn_out_mlp(x, a, self.attn.proj.weight, self.attn.proj.bias, self.norm2.weight, self.norm2.bias,
+                            self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight, self.mlp.fc2.bias, LN_EPS)
+
+
+def run_blocks_packed(blocks: nn.ModuleList, x: torch.Tensor, layout: packed.PackedLayout, *,
+                      compiled: bool = False, activation_checkpointing: bool = False) -> torch.Tensor:
+    """Run `blocks` over a packed matrix; with activation checkpointing each block's activations are recomputed
+    in the backward instead of stored."""
+    for blk in blocks:
+        if activation_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(blk.forward_packed, x, layout, compiled, use_reentrant=False)
+        else:
+            x = blk.forward_packed(x, layout, compiled)
+    return x
 
 
 class PatchEmbed3D(nn.Module):
@@ -116,6 +139,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(pos.unsqueeze(0), requires_grad=False)  # in checkpoints, never trained
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, attn_backend) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.compiled = False  # fast path: torch.compile the row-wise halves of the blocks
+        self.activation_checkpointing = False  # fast path: recompute block activations in the backward
         init_weights(self, self.blocks)
 
     def set_attn_backend(self, backend: str) -> None:
@@ -123,12 +148,34 @@ class VisionTransformer(nn.Module):
             blk.attn.backend = backend
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        expected = (3, self.num_frames, self.img_size, self.img_size)
-        if x.dim() != 5 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"encoder expects clips [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
-        x = self.patch_embed(x) + self.pos_embed
+        self._check_clips(x)
+        x = self.patch_embed(x)
+        x = (x + self.pos_embed).to(x.dtype)  # as the official in-place add: low precision under autocast
         if mask is not None:
             x = gather_tokens(x, mask)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+    def _check_clips(self, x: torch.Tensor) -> None:
+        expected = (3, self.num_frames, self.img_size, self.img_size)
+        if x.dim() != 5 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"encoder expects clips [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens [B, N, D] of clips, without position embeddings."""
+        self._check_clips(x)
+        return self.patch_embed(x)
+
+    def forward_packed(self, x: torch.Tensor, layout: packed.PackedLayout) -> torch.Tensor:
+        """Blocks and final norm over packed, position-embedded tokens [T, D]."""
+        x = run_blocks_packed(self.blocks, x, layout, compiled=self.compiled,
+                              activation_checkpointing=self.activation_checkpointing)
+        return self.norm(x)
+
+    def forward_dense_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) computed by the packed blocks: all tokens of each clip as one sequence -> [B, N, D]."""
+        tokens = self.embed(x)
+        B, N, D = tokens.shape
+        tokens = (tokens + self.pos_embed).to(tokens.dtype)
+        return self.forward_packed(tokens.reshape(B * N, D), packed.PackedLayout.uniform(B, [N])).view(B, N, D)

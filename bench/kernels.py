@@ -1,0 +1,213 @@
+"""Triton kernels against their eager and torch.compile'd references, with achieved bandwidth.
+
+    python -m bench.kernels [--out bench/out] [--quick] [--no-compile]
+
+For each op at ViT-L (D=1024) and ViT-H (D=1280) sizes (B=24, N=1568; context masks K=368, 112; target masks
+K=760, 1120; EMA over the encoder's parameter count), the median time (triton.testing.do_bench), the bytes the op
+must move divided by that time, and that as a share of a measured device-to-device copy. Targets (DESIGN section
+6): faster than eager and compiled, >= 70% of copy bandwidth. Without CUDA only --quick runs: tiny sizes, the
+kernels in the Triton interpreter, no torch.compile, wall-clock timing: a smoke test of this script, not numbers.
+Writes kernels.json and kernels.md under --out.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors need the interpreter
+
+import triton  # noqa: E402
+
+import kernels  # noqa: E402
+
+FULL = {"batch": 24, "tokens": 1568, "context_k": (368, 112), "target_k": (760, 1120),
+        "sizes": {"vit_l": {"dim": 1024, "depth": 24}, "vit_h": {"dim": 1280, "depth": 32}}, "patch": 16}
+QUICK = {"batch": 2, "tokens": 16, "context_k": (5, 3), "target_k": (9, 12),
+         "sizes": {"tiny_64": {"dim": 64, "depth": 1}, "tiny_80": {"dim": 80, "depth": 1}}, "patch": 2}
+IMPLS = ("triton", "eager", "compiled")
+
+
+def vit_param_shapes(dim, depth, patch, tubelet=2, mlp_ratio=4):
+    """Parameter shapes of a V-JEPA ViT encoder (patch embed, pre-norm blocks, final norm): what the EMA updates."""
+    hidden = dim * mlp_ratio
+    block = [(dim,), (dim,), (3 * dim, dim), (3 * dim,), (dim, dim), (dim,),
+             (dim,), (dim,), (hidden, dim), (hidden,), (dim, hidden), (dim,)]
+    return [(dim, 3, tubelet, patch, patch), (dim,)] + block * depth + [(dim,), (dim,)]
+
+
+def make_timer(quick):
+    """Median milliseconds of fn(): do_bench on CUDA, a few wall-clock runs on CPU."""
+    if torch.cuda.is_available():
+        return lambda fn: triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 200,
+                                                  return_mode="median")
+
+    def wall(fn):
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    return wall
+
+
+def copy_gbps(timer, device, nbytes):
+    """Measured device-to-device copy bandwidth (read + write) of an nbytes buffer."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (timer(lambda: dst.copy_(src)) * 1e-3) / 1e9
+
+
+def _grads(out, inputs, grad_out=None):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def gather_cases(cfg, dim, device, compiled):
+    """[(pass, bytes, {impl: fn})] for the context gather with pos-embed add (bf16), and fn() -> forward diff."""
+    batch, tokens, ks = cfg["batch"], cfg["tokens"], cfg["context_k"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, tokens, dim, generator=g).to(device, torch.bfloat16)
+    pos = torch.randn(tokens, dim, generator=g).to(device, torch.bfloat16)
+    idx = [torch.stack([torch.randperm(tokens, generator=g)[:k].sort().values for _ in range(batch)]).to(device)
+           for k in ks]
+    rows = batch * sum(ks)
+    grad_out = torch.randn(rows, dim, generator=g).to(device, torch.bfloat16)
+    xg = x.clone().requires_grad_()
+    impls = {"triton": kernels.gather_tokens, "eager": kernels.gather_tokens_reference, "compiled": compiled}
+    fwd_bytes = rows * dim * 2 * 3 + rows * 8  # x row, pos row, out row (bf16); the index
+    bwd_bytes = rows * dim * 2 + batch * tokens * dim * 2  # grad rows in, grad x out
+    return [
+        ("fwd", fwd_bytes, {k: (lambda f=f: f(x, idx, pos)) if f else None for k, f in impls.items()}),
+        ("fwd+bwd", fwd_bytes + bwd_bytes,
+         {k: (lambda f=f: _grads(f(xg, idx, pos)[0], xg, grad_out)) if f else None for k, f in impls.items()}),
+    ], lambda: (kernels.gather_tokens(x, idx, pos)[0].float() - kernels.gather_tokens_reference(x, idx, pos)[0].float())
+
+
+def loss_cases(cfg, dim, device, compiled):
+    """[(pass, bytes, {impl: fn})] for the target-norm + L1 loss over the target masks (bf16 pred and target), and
+    fn() -> forward diff."""
+    batch, tokens, ks = cfg["batch"], cfg["tokens"], cfg["target_k"]
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(batch, tokens, dim, generator=g).to(device, torch.bfloat16)
+    idx = [torch.stack([torch.randperm(tokens, generator=g)[:k].sort().values for _ in range(batch)]).to(device)
+           for k in ks]
+    rows = batch * sum(ks)
+    pred = torch.randn(rows, dim, generator=g).to(device, torch.bfloat16)
+    pg = pred.clone().requires_grad_()
+    impls = {"triton": kernels.masked_l1_loss, "eager": kernels.masked_l1_loss_reference, "compiled": compiled}
+    fwd_bytes = rows * dim * 2 * 2 + rows * 8  # pred row, target row (bf16); the index
+    bwd_bytes = rows * dim * 2 * 3  # pred row, target row in, grad row out
+    return [
+        ("fwd", fwd_bytes, {k: (lambda f=f: f(pred, target, idx)) if f else None for k, f in impls.items()}),
+        ("fwd+bwd", fwd_bytes + bwd_bytes,
+         {k: (lambda f=f: _grads(f(pg, target, idx), pg)) if f else None for k, f in impls.items()}),
+    ], lambda: kernels.masked_l1_loss(pred, target, idx) - kernels.masked_l1_loss_reference(pred, target, idx).float()
+
+
+def ema_cases(cfg, size, device, compiled):
+    """[(pass, bytes, {impl: fn})] for the EMA of a ViT's fp32 parameters (Triton over one flat buffer, the
+    references over the per-parameter tensors, views of the same buffer), and fn() -> update diff."""
+    shapes = vit_param_shapes(size["dim"], size["depth"], cfg["patch"])
+    numels = [torch.Size(s).numel() for s in shapes]
+    target = torch.empty(sum(numels), device=device).normal_()
+    source = torch.empty_like(target).normal_()
+    views = lambda buf: [v.view(s) for v, s in zip(buf.split(numels), shapes)]  # noqa: E731
+    t_views, s_views = views(target), views(source)
+    momentum = torch.tensor(0.998, dtype=torch.float64, device=device)
+
+    def parity():
+        fast, ref = target.clone(), target.clone()
+        kernels.ema_(fast, source, momentum)
+        kernels.ema_reference_(ref, source, 0.998)
+        return fast - ref
+
+    return [("update", 3 * target.numel() * 4, {
+        "triton": lambda: kernels.ema_(target, source, momentum),
+        "eager": lambda: kernels.ema_reference_(t_views, s_views, 0.998),
+        "compiled": (lambda: compiled(t_views, s_views, 0.998)) if compiled else None,
+    })], parity
+
+
+def run(quick=False, use_compile=True):
+    cfg = QUICK if quick else FULL
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    timer = make_timer(quick)
+    use_compile = use_compile and device.type == "cuda"
+    references = {"gather_tokens": kernels.gather_tokens_reference, "masked_l1_loss": kernels.masked_l1_loss_reference,
+                  "ema": kernels.ema_reference_}
+    compiled = {op: torch.compile(fn, dynamic=False) if use_compile else None for op, fn in references.items()}
+    copy = copy_gbps(timer, device, (4 << 20) if quick else (1 << 30))
+    results = []
+    for size_name, size in cfg["sizes"].items():
+        for op, (cases, diff) in {
+            "gather_tokens": gather_cases(cfg, size["dim"], device, compiled["gather_tokens"]),
+            "masked_l1_loss": loss_cases(cfg, size["dim"], device, compiled["masked_l1_loss"]),
+            "ema": ema_cases(cfg, size, device, compiled["ema"]),
+        }.items():
+            max_diff = diff().abs().max().item()
+            for pass_, nbytes, fns in cases:
+                ms = {k: timer(fn) if fn else None for k, fn in fns.items()}
+                gbps = {k: nbytes / (t * 1e-3) / 1e9 if t else None for k, t in ms.items()}
+                results.append({
+                    "op": op, "size": size_name, "dim": size["dim"], "pass": pass_, "bytes": nbytes, "ms": ms,
+                    "gbps": gbps, "pct_of_copy": 100 * gbps["triton"] / copy,
+                    "speedup_vs_eager": ms["eager"] / ms["triton"],
+                    "speedup_vs_compiled": ms["compiled"] / ms["triton"] if ms["compiled"] else None,
+                    "max_abs_diff_vs_eager": max_diff,
+                })
+    return {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
+        "torch": torch.__version__, "triton": triton.__version__, "quick": quick,
+        "batch": cfg["batch"], "tokens": cfg["tokens"], "context_k": cfg["context_k"], "target_k": cfg["target_k"],
+        "copy_gbps": copy, "results": results,
+    }
+
+
+def markdown(report):
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"Kernels on {report['device']} (torch {report['torch']}, triton {report['triton']}); "
+             f"B={report['batch']}, N={report['tokens']}, context K={report['context_k']}, "
+             f"target K={report['target_k']}; "
+             f"copy bandwidth {report['copy_gbps']:.0f} GB/s",
+             "",
+             "| op | size | pass | triton ms | eager ms | compiled ms | triton GB/s | % of copy | x eager | x compiled "
+             "| max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        cells = [r["op"], r["size"], r["pass"], fmt(r["ms"]["triton"], ".4f"), fmt(r["ms"]["eager"], ".4f"),
+                 fmt(r["ms"]["compiled"], ".4f"), fmt(r["gbps"]["triton"], ".0f"), fmt(r["pct_of_copy"], ".0f"),
+                 fmt(r["speedup_vs_eager"], ".2f"), fmt(r["speedup_vs_compiled"], ".2f"),
+                 fmt(r["max_abs_diff_vs_eager"], ".2e")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench/out")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (the only mode without CUDA)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile'd references (always skipped without CUDA)")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available() and not a.quick:
+        raise SystemExit("bench.kernels: the full-size benchmark needs a CUDA GPU; without one only --quick runs "
+                         "(tiny sizes in the Triton interpreter, a smoke test)")
+    report = run(a.quick, not a.no_compile)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    (out / "kernels.md").write_text(table)
+    print(table + f"written {out / 'kernels.json'} and {out / 'kernels.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Input checks, index packing and launch sizes shared by the Triton kernels."""
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+# triton.jit reads the same switch when it decorates a kernel: interpreted kernels run on CPU tensors.
+INTERPRET = triton.knobs.runtime.interpret
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(fn, name, t, *, ndim=None, dtypes=FLOAT_DTYPES, device=None):
+    """Raise a TypeError/ValueError/RuntimeError naming `fn`, `name` and the offending shape, dtype or device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{fn}: {name} must be {ndim}-D, got shape {list(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{fn}: {name} has dtype {t.dtype}, expected one of {[str(d) for d in dtypes]}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{fn}: {name} is on {t.device}, expected {device} (the device of the first input)")
+    if not (t.device.type == "cuda" or (t.device.type == "cpu" and INTERPRET)):
+        raise RuntimeError(
+            f"{fn}: {name} is on {t.device}; the Triton kernels run on CUDA tensors, or on CPU tensors only when "
+            f"TRITON_INTERPRET=1 is set before triton is imported (use {fn}_reference otherwise)")
+
+
+def to_device(values, dtype, device):
+    """A small host list as a tensor on `device`, copied without making the host wait for the device."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def pack_indices(fn, idx_list, batch, device):
+    """Check `idx_list` (int64 [batch, K_i] per mask) and return the packed-row index table and cu_seqlens.
+
+    Packed row order is mask, then sample, then index; sequence j = mask * batch + sample. Both tensors are built
+    from host metadata (shapes) and device data only, so nothing waits for the device.
+    """
+    if not isinstance(idx_list, (list, tuple)) or len(idx_list) == 0:
+        got = type(idx_list).__name__ + (" of length 0" if isinstance(idx_list, (list, tuple)) else "")
+        raise TypeError(f"{fn}: idx_list must be a non-empty list of int64 [B, K] tensors, got {got}")
+    ks = []
+    for i, idx in enumerate(idx_list):
+        check_tensor(fn, f"idx_list[{i}]", idx, ndim=2, dtypes=(torch.int64,), device=device)
+        if idx.shape[0] != batch or idx.shape[1] == 0:
+            raise ValueError(f"{fn}: idx_list[{i}] has shape {list(idx.shape)}, expected [B={batch}, K] with K >= 1")
+        ks.append(idx.shape[1])
+    flat = torch.cat([idx.reshape(-1) for idx in idx_list]) if len(ks) > 1 else idx_list[0].reshape(-1)
+    lengths = [k for k in ks for _ in range(batch)]
+    cu_seqlens = to_device([0, *itertools.accumulate(lengths)], torch.int32, device)
+    return flat.contiguous(), cu_seqlens, ks
+
+
+def acc_dtype(*dtypes):
+    """Triton accumulation dtype: fp64 when any input is fp64 (so gradcheck works), fp32 otherwise."""
+    return tl.float64 if torch.float64 in dtypes else tl.float32
+
+
+def row_tile(d, whole_row=False):
+    """(BLOCK_R, BLOCK_D, num_warps) for kernels over [rows, d] tiles of 4096 elements (65536 in the interpreter,
+    whose cost is per program rather than per element).
+
+    whole_row: BLOCK_D covers d (for per-row reductions). Otherwise BLOCK_D is the largest power of two dividing d
+    when that is >= 64 (no idle lanes for d = 1280, 1408), else d rounded up to a power of two; at most 1024.
+    """
+    exact = d & -d
+    if whole_row:
+        block_d = triton.next_power_of_2(d)
+    else:
+        block_d = min(exact if exact >= 64 else triton.next_power_of_2(d), 1024)
+    block_r = max(1, (65536 if INTERPRET else 4096) // block_d)
+    num_warps = min(16, max(4, block_r * block_d // 1024))
+    return block_r, block_d, num_warps

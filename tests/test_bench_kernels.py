@@ -1,0 +1,23 @@
+"""Smoke test of bench.kernels --quick --no-compile: it runs every op and writes the JSON and markdown it promises."""
+import json
+
+from bench import kernels as bench_kernels
+
+
+def test_quick_run_writes_report(tmp_path):
+    bench_kernels.main(["--quick", "--no-compile", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    assert {"device", "torch", "triton", "quick", "batch", "tokens", "context_k", "target_k", "copy_gbps",
+            "results"} <= report.keys()
+    assert report["quick"] is True and report["copy_gbps"] > 0
+    rows = {(r["op"], r["size"], r["pass"]) for r in report["results"]}
+    sizes = bench_kernels.QUICK["sizes"]
+    assert rows == {(op, size, p) for size in sizes for op, p in [
+        ("gather_tokens", "fwd"), ("gather_tokens", "fwd+bwd"), ("masked_l1_loss", "fwd"),
+        ("masked_l1_loss", "fwd+bwd"), ("ema", "update")]}
+    for r in report["results"]:
+        assert {"dim", "bytes", "ms", "gbps", "pct_of_copy", "speedup_vs_eager", "speedup_vs_compiled",
+                "max_abs_diff_vs_eager"} <= r.keys()
+        assert set(r["ms"]) == {"triton", "eager", "compiled"} and r["ms"]["triton"] > 0 and r["bytes"] > 0
+        assert r["max_abs_diff_vs_eager"] < 0.1
+    assert (tmp_path / "kernels.md").read_text().count("\n| ") == len(report["results"]) + 1

@@ -1,0 +1,123 @@
+"""Transformer blocks over packed token matrices: many sequences of different lengths in one [T, C] tensor.
+
+The fast path packs both masks' token sets into one matrix. Every layer but attention is row-wise, so it runs
+once over all rows (and is what torch.compile sees, with a dynamic row count); attention runs per sequence:
+`torch.nn.attention.varlen` on CUDA where present, else dense SDPA over each group of equal-length sequences
+(the masks cut every sample of a mask to the same length, so there is no padding at all), or the eager math.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch builds without variable-length attention
+    varlen_attn = None
+
+
+BACKENDS = ("sdpa", "xformers", "eager")
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Consecutive groups of `count` sequences of `length` rows each, packed row after row."""
+
+    groups: tuple[tuple[int, int], ...]  # (count, length)
+
+    @classmethod
+    def uniform(cls, count: int, lengths) -> "PackedLayout":
+        """`count` sequences for each length in `lengths` (e.g. B samples per mask)."""
+        return cls(tuple((count, int(k)) for k in lengths))
+
+    @property
+    def rows(self) -> int:
+        return sum(c * n for c, n in self.groups)
+
+    @property
+    def max_length(self) -> int:
+        return max(n for _, n in self.groups)
+
+    def cu_seqlens(self, device) -> torch.Tensor:
+        """int32 [num_sequences + 1] row offsets, made once per (layout, device)."""
+        return _cu_seqlens(self, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _cu_seqlens(layout: PackedLayout, device: torch.device) -> torch.Tensor:
+    lengths = torch.tensor([n for c, n in layout.groups for _ in range(c)], dtype=torch.int32)
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)).to(device)
+
+
+def _attend_dense(q, k, v, backend: str):
+    """q, k, v [S, H, L, hd] -> [S, H, L, hd]."""
+    if backend == "eager":
+        return (q @ k.transpose(-2, -1) * q.size(-1) ** -0.5).softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def packed_attention(qkv: torch.Tensor, layout: PackedLayout, num_heads: int, backend: str) -> torch.Tensor:
+    """Self-attention within each sequence of a packed [T, 3C] qkv matrix -> [T, C].
+
+    One group of equal-length sequences (a dense full-clip pass) always takes dense SDPA (flash / cuDNN on GPU).
+    """
+    T, C3 = qkv.shape
+    C = C3 // 3
+    hd = C // num_heads
+    qkv = qkv.view(T, 3, num_heads, hd)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r} (choose {', '.join(BACKENDS)})")
+    if backend != "eager" and len(layout.groups) > 1:
+        if backend == "xformers":
+            return _xformers_attention(qkv, layout).reshape(T, C)
+        if qkv.is_cuda and varlen_attn is not None and qkv.dtype in (torch.float16, torch.bfloat16):
+            cu = layout.cu_seqlens(qkv.device)
+            q, k, v = qkv.unbind(1)
+            n = layout.max_length
+            return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, n, n).reshape(T, C)
+    outs, start = [], 0
+    for count, length in layout.groups:
+        rows = count * length
+        q, k, v = qkv[start:start + rows].view(count, length, 3, num_heads, hd).permute(2, 0, 3, 1, 4)
+        outs.append(_attend_dense(q, k, v, backend).transpose(1, 2).reshape(rows, C))
+        start += rows
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _xformers_attention(qkv: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """One xformers memory-efficient attention call over all sequences with a block-diagonal mask (GPU only)."""
+    try:
+        from xformers.ops import fmha
+    except ImportError as e:
+        raise RuntimeError("model.attn_backend=xformers needs the xformers package (pip install xformers)") from e
+    bias = _block_diagonal(fmha, layout)
+    q, k, v = (t.unsqueeze(0) for t in qkv.unbind(1))  # [1, T, H, hd]
+    return fmha.memory_efficient_attention(q, k, v, attn_bias=bias)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _block_diagonal(fmha, layout: PackedLayout):
+    return fmha.attn_bias.BlockDiagonalMask.from_seqlens([n for c, n in layout.groups for _ in range(c)])
+
+
+# ---- the row-wise halves of a block, as plain functions of tensors (what torch.compile compiles) --------------
+
+def attn_in(x, ln_w, ln_b, qkv_w, qkv_b, eps: float):
+    """norm1 + qkv projection."""
+    return F.linear(F.layer_norm(x, (x.size(-1),), ln_w, ln_b, eps), qkv_w, qkv_b)
+
+
+def attn_out_mlp(x, attn, proj_w, proj_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps: float):
+    """Attention output projection + residual, then norm2 + MLP (exact GELU) + residual."""
+    x = x + F.linear(attn, proj_w, proj_b)
+    h = F.gelu(F.linear(F.layer_norm(x, (x.size(-1),), ln_w, ln_b, eps), fc1_w, fc1_b))
+    return x + F.linear(h, fc2_w, fc2_b)
+
+
+@functools.cache
+def compiled_rowwise():
+    """(attn_in, attn_out_mlp) compiled once for every block: weights are inputs, the row count is dynamic."""
+    return (torch.compile(attn_in, dynamic=True), torch.compile(attn_out_mlp, dynamic=True))
