@@ -14,6 +14,8 @@ setup() {
   # A CPU torch unless one is already there (on a CUDA machine, install your CUDA build of torch first).
   "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q "torch==2.13.0"
   "$VENV/bin/pip" install -q "triton==3.6.0" -e ".[test]"
+  # NVIDIA DALI for the DALI loader's tests (a 425 MB wheel, ~1 GB installed); they skip where it cannot install.
+  "$VENV/bin/pip" install -q -e ".[dali]" || echo "dev.sh: NVIDIA DALI did not install; its tests will skip" >&2
   touch "$stamp"
 }
 

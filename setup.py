@@ -19,7 +19,7 @@ setup(
     extras_require={
         "test": ["pytest", "triton", "pytest-benchmark", "scikit-video"],
         "triton": ["triton"],
-        "dali": ["nvidia-dali-cuda120"],
+        "dali": ["nvidia-dali-cuda120>=2.4"],  # fn.decoders.video(frames=...); tested with 2.4.0
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["vjepa-fast=vjepa_fast.cli:main"]},

@@ -1,12 +1,15 @@
 """Video data for V-JEPA training: dataset files -> deterministic, step-indexed batches of augmented clips.
 
 The trainer needs only this interface: ClipSpec (what a clip is), read_dataset_files (the official `path label`
-format) and make_loader (an infinite ClipLoader of (clips [B, 3, T, H, W], labels [B]) whose batch k depends only
-on seed, k, rank, world_size and the dataset). This package does not import vjepa_fast.
+format) and make_loader (an infinite StepLoader of (clips [B, 3, T, H, W], labels [B]) whose batch k depends only
+on seed, k, rank, world_size and the dataset; PyAV on the CPU or DALI on the GPU/CPU, see choose.py). The DALI
+loader imports NVIDIA DALI only when it is used. This package does not import vjepa_fast.
 """
 from dali_pipelines.bad_input import SKIP_REASONS
+from dali_pipelines.choose import LOADERS, choose_loader, make_loader
 from dali_pipelines.dataset_file import DatasetIndex, read_dataset_files
-from dali_pipelines.loader import ClipLoader, make_loader
+from dali_pipelines.loader import StepLoader
 from dali_pipelines.spec import ClipSpec
 
-__all__ = ["ClipSpec", "DatasetIndex", "read_dataset_files", "make_loader", "ClipLoader", "SKIP_REASONS"]
+__all__ = ["ClipSpec", "DatasetIndex", "read_dataset_files", "make_loader", "choose_loader", "LOADERS",
+           "StepLoader", "SKIP_REASONS"]

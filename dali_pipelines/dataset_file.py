@@ -25,8 +25,12 @@ def read_dataset_file(path: str) -> tuple[list[str], list[int]]:
     """The (video paths, labels) listed in one dataset file; a malformed line raises ValueError naming file and line."""
     folder = os.path.dirname(os.path.abspath(path))
     videos, labels = [], []
-    with open(path) as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}, line {line_number}: not UTF-8 text: {raw[:80]!r}") from None
             tokens = line.split()
             if not tokens:
                 continue  # blank lines are skipped, as pandas.read_csv does in the official loader

@@ -22,9 +22,16 @@ TRUNCATED_DURATION_FRACTION = 0.9
 @dataclass(frozen=True)
 class VideoInfo:
     """What the probe learnt: the frame count and the frames' presentation timestamps (sorted, in the stream's time
-    base; None when the container gives no usable timestamps, so frames are located by decoding from the start)."""
+    base; None when the container gives no usable timestamps, so frames are located by decoding from the start),
+    the codec (FFmpeg's name: h264, vp9, ...), frame size, frame rate and keyframe spacing (seeking cost)."""
     num_frames: int
     frame_pts: np.ndarray | None
+    codec: str
+    width: int
+    height: int
+    fps: float
+    num_keyframes: int
+    max_keyframe_gap: int  # most packets from a keyframe to the next one (or to the end)
 
 
 def probe_video(path: str) -> VideoInfo:
@@ -51,11 +58,16 @@ def _probe(path: str, mtime_ns: int, size: int) -> VideoInfo:
         stream = container.streams.video[0]
         if stream.codec_context is None:
             raise VideoError("unsupported", "FFmpeg has no decoder for its video codec")
-        pts, end_pts = [], None
+        codec, width, height = stream.codec_context.name, stream.codec_context.width, stream.codec_context.height
+        if width <= 0 or height <= 0:
+            raise VideoError("undecodable", f"no frame size in the {codec} stream header")
+        pts, end_pts, keyframes = [], None, []
         try:
             for packet in container.demux(stream):
                 if packet.size == 0 or packet.is_discard:
                     continue  # the end-of-stream flush packet; frames an edit list hides are never shown
+                if packet.is_keyframe:
+                    keyframes.append(len(pts))
                 pts.append(packet.pts)
                 if packet.pts is not None:
                     packet_end = packet.pts + (packet.duration or 0)
@@ -69,9 +81,10 @@ def _probe(path: str, mtime_ns: int, size: int) -> VideoInfo:
         if stream.frames > 0 and len(pts) < stream.frames:
             raise VideoError("truncated", f"{len(pts)} of the {stream.frames} frames its header declares")
         _check_duration(container, stream, end_pts)
-    if None in pts or len(set(pts)) != len(pts):
-        return VideoInfo(len(pts), None)
-    return VideoInfo(len(pts), np.sort(np.asarray(pts, dtype=np.int64)))
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+    frame_pts = None if None in pts or len(set(pts)) != len(pts) else np.sort(np.asarray(pts, dtype=np.int64))
+    gaps = np.diff(keyframes + [len(pts)]) if keyframes else [len(pts)]
+    return VideoInfo(len(pts), frame_pts, codec, width, height, fps, len(keyframes), int(max(gaps)))
 
 
 def _check_duration(container, stream, end_pts: int | None) -> None:
@@ -101,8 +114,10 @@ def read_frames(path: str, indices: np.ndarray, info: VideoInfo) -> np.ndarray:
             frames = _decode_from_start(path, wanted, to_rgb)
     except av.FFmpegError as error:
         raise VideoError("undecodable", f"decoding failed: {error}") from None
-    if len({frame.shape for frame in frames.values()}) > 1:
-        raise VideoError("unsupported", "the frame size changes within the clip")
+    shapes = {frame.shape[:2] for frame in frames.values()}
+    if shapes != {(info.height, info.width)}:
+        sizes = ", ".join(f"{w}x{h}" for h, w in sorted(shapes))
+        raise VideoError("unsupported", f"frames decode at {sizes}, the stream header says {info.width}x{info.height}")
     return np.stack([frames[index] for index in indices.tolist()])
 
 

@@ -44,3 +44,7 @@ class SampleOrder:
         epoch, offset = divmod(position, self.per_rank)
         slot = offset * self.world_size + self.rank
         return epoch * self.epoch_size + slot, int(self.epoch_order(epoch)[slot])
+
+    def batch(self, step: int, batch_size: int) -> list[tuple[int, int]]:
+        """The draws of batch `step`: stream positions step*batch_size .. step*batch_size + batch_size - 1."""
+        return [self.draw(position) for position in range(step * batch_size, (step + 1) * batch_size)]

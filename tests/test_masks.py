@@ -121,10 +121,3 @@ def test_runs_on_cuda():
     gen = _official_generator()
     enc, pred = gen.gen(24, 0, device="cuda")
     assert enc[0].device.type == "cuda" and pred[1].device.type == "cuda"
-
-
-def test_vectorised_generator_is_much_faster_than_the_loop():
-    from bench.masks import run
-
-    result = run(batch=24, steps=5)
-    assert result["speedup"] > 5  # the benchmark target is 20x; a loose bound keeps CI robust to load

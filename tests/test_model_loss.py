@@ -20,8 +20,14 @@ def test_reference_loss_is_the_official_objective():
         model.predictor.mask_tokens[1].normal_()
         h = F.layer_norm(model.target_encoder(clips), (32,), eps=1e-5)
         expected = 0.0
-        for i in range(2):
-            z = model.predictor(model.encoder(clips, enc[i]), enc[i], pred[i], i)
+        for i in range(2):  # per mask: its own encoder pass, predictor pass with its own mask token
+            z = model.encoder(clips, enc[i])
+            x = model.predictor.predictor_embed(z) + model.predictor.predictor_pos_embed[0, enc[i]]
+            tgt = model.predictor.mask_tokens[i] + model.predictor.predictor_pos_embed[0, pred[i]]
+            x = torch.cat([x, tgt], dim=1)
+            for blk in model.predictor.predictor_blocks:
+                x = blk(x)
+            z = model.predictor.predictor_proj(model.predictor.predictor_norm(x)[:, enc[i].size(1):])
             target = torch.stack([h[b, pred[i][b]] for b in range(clips.size(0))])
             expected += (z - target).abs().mean()
         expected /= 2

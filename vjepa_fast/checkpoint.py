@@ -31,6 +31,8 @@ def save_checkpoint(state: Mapping, path: str | Path) -> Path:
     """Write `state` to `path` atomically: a temp file in the same folder, fsync, then rename over."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed mid-write
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -124,9 +126,17 @@ def import_official(path: str | Path) -> dict:
 
 
 def export_official(state: Mapping, path: str | Path) -> Path:
-    """Write our checkpoint's networks in the official layout (`module.backbone.` keys)."""
-    out = {k: {f"module.backbone.{n}": t for n, t in state[k].items()} for k in NETWORKS if k in state}
-    out["epoch"] = state.get("step", 0)
+    """Write one of our checkpoints in the official layout: `module.backbone.` keys, `opt` (the param groups are
+    in the official order), `epoch` (completed epochs), `loss`, `batch_size`, `world_size`, `lr`, `scaler`."""
+    missing = [k for k in NETWORKS if k not in state]
+    if missing:
+        raise ValueError(f"cannot export: the checkpoint has no {', '.join(missing)}")
+    cfg = state.get("config", {})
+    opt_cfg, data_cfg = cfg.get("optimization", {}), cfg.get("data", {})
+    out = {k: {f"module.backbone.{n}": t for n, t in state[k].items()} for k in NETWORKS}
+    out.update(opt=state.get("optimizer"), scaler=None, epoch=state.get("step", 0) // max(1, opt_cfg.get("ipe", 1)),
+               loss=state.get("loss"), batch_size=data_cfg.get("batch_size"),
+               world_size=(cfg.get("nodes") or 1) * (cfg.get("tasks_per_node") or 1), lr=opt_cfg.get("lr"))
     return save_checkpoint(out, path)
 
 

@@ -28,8 +28,215 @@ def _run_train(args) -> int:
     result = train(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite, device=args.device,
                    max_steps=args.max_steps, progress=not args.no_progress)
     print(f"trained steps {result.start_step}->{result.end_step} in {result.seconds:.0f} s; "
-          f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}\nrun dir: {result.run_dir} "
-          f"(metrics.csv, loss.png, checkpoints/latest.pt)")
+          f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}; {result.skipped_steps} skipped steps\n"
+          f"run dir: {result.run_dir} (metrics.csv, loss.png, checkpoints/latest.pt)")
+    if result.stopped_by:
+        print(f"stopped by {result.stopped_by}: continue with --resume")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="frozen evaluation of a checkpoint: attentive / linear probes on cached features")
+    p.add_argument("--checkpoint", required=True, help="one of our checkpoints or an official V-JEPA one")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--train", help="training dataset file (official `path label` lines); needs --val")
+    src.add_argument("--image-folder", metavar="DIR", help="images in DIR/train/<class>/ and DIR/val/<class>/")
+    src.add_argument("--benchmark", choices=["synthetic"], help="the motion benchmark on the embedded synthetic data: "
+                     "the checkpoint and its random init, both probes, motion and appearance labels")
+    p.add_argument("--val", help="validation dataset file (with --train)")
+    p.add_argument("--probe", choices=["attentive", "linear", "both"], default="attentive")
+    p.add_argument("--key", choices=["target_encoder", "encoder"], default="target_encoder",
+                   help="which encoder of the checkpoint (default: the target encoder, as the paper)")
+    p.add_argument("--num-frames", type=int, help="official checkpoints: the frames the encoder takes (default 16)")
+    p.add_argument("--num-heads", type=int, help="official checkpoints: the encoder's heads (default: by width)")
+    p.add_argument("--sampling-rate", type=int, help="frame step of eval clips (default: the checkpoint's, else 4)")
+    p.add_argument("--num-segments", type=int, default=1, help="clips per video, tokens concatenated (K400: 8)")
+    p.add_argument("--num-views", type=int, default=1, help="spatial views per clip, softmax averaged (paper: 3)")
+    p.add_argument("--image-frames", type=int, default=2, help="frames each image is repeated into (2 or 16)")
+    p.add_argument("--epochs", type=int, help="probe epochs (default 20, Table 6)")
+    p.add_argument("--lr", type=float, help="peak lr, cosine to 0 without warmup (default 1e-3, Table 6; "
+                   "benchmark 1e-2)")
+    p.add_argument("--weight-decay", type=float, help="(default 0.01, Table 6)")
+    p.add_argument("--batch-size", type=int, help="probe batch (default 256, Table 6; benchmark 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", help="per-epoch CSVs (default: runs/eval/<checkpoint's run name>)")
+    p.add_argument("--cache-dir", help="feature cache (default: <user cache>/vjepa_fast/features)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=int, default=1, help="video/image decoding worker processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_eval(args) -> int:
+    from dataclasses import replace
+
+    from .eval.protocols import ProbeSettings
+    from .eval.run import dataset_file_split, image_folder_splits, load_frozen, probe_encoder, results_table
+    from .eval.synthetic_benchmark import SYNTHETIC_PROBE, run_synthetic_benchmark
+    from .eval.views import ViewSpec
+    from .train import pick_device
+
+    if args.train and not args.val:
+        print("vjepa-fast: error: --train needs --val", file=sys.stderr)
+        return 2
+    device, progress = pick_device(args.device), not args.no_progress
+    given = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "batch_size": args.batch_size}
+    settings = replace(SYNTHETIC_PROBE if args.benchmark else ProbeSettings(), seed=args.seed,
+                       **{k: v for k, v in given.items() if v is not None})
+    try:
+        frozen = load_frozen(args.checkpoint, args.key, num_frames=args.num_frames, num_heads=args.num_heads)
+        out_dir = args.out_dir or f"runs/eval/{frozen.name}{'-synthetic' if args.benchmark else ''}"
+        if args.benchmark:
+            report = run_synthetic_benchmark(frozen, out_dir=out_dir, cache_dir=args.cache_dir, device=device,
+                                             settings=settings, num_workers=args.workers, progress=progress)
+            print(report.table())
+        else:
+            if args.image_folder:
+                train, val, num_classes = image_folder_splits(args.image_folder)
+                frames, segments = args.image_frames, 1
+            else:
+                train, val = dataset_file_split(args.train), dataset_file_split(args.val)
+                num_classes = max(train.labels + val.labels) + 1
+                frames, segments = frozen.encoder.num_frames, args.num_segments
+            spec = ViewSpec(frames, args.sampling_rate or frozen.sampling_rate, frozen.encoder.img_size, segments,
+                            args.num_views)
+            probes = ["attentive", "linear"] if args.probe == "both" else [args.probe]
+            results = probe_encoder(frozen.encoder, train, val, spec, num_classes=num_classes, probes=probes,
+                                    settings=settings, out_dir=out_dir, cache_dir=args.cache_dir, device=device,
+                                    num_workers=args.workers, progress=progress)
+            print(f"{args.checkpoint} ({args.key}): {len(train.paths)} train / {len(val.paths)} val items, "
+                  f"{num_classes} classes\n{results_table(results)}")
+    except ValueError as e:
+        print(f"vjepa-fast: error: {e}", file=sys.stderr)
+        return 2
+    print(f"per-epoch CSVs: {out_dir}")
+    return 0
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="dataset tools: check videos, transcode for fast decoding")
+    tools = p.add_subparsers(dest="tool", required=True)
+    check = tools.add_parser("check", help="probe every video of dataset files: usable or why not, codec, size, "
+                                           "frames, fps, keyframe spacing; exit status 1 if any would be skipped")
+    check.add_argument("datasets", nargs="+", metavar="FILE.csv", help="dataset files (official `path label`)")
+    check.add_argument("--min-frames", type=int, default=16, help="fewer decodable frames is too short (16)")
+    check.add_argument("--workers", type=int, help="parallel processes (default: all cores)")
+    check.add_argument("--csv", help="also write the per-video results to this CSV file")
+    transcode = tools.add_parser("transcode", help="re-encode a dataset's videos to a short side and a short "
+                                                   "keyframe interval (fast NVDEC seeking); writes a new dataset file")
+    transcode.add_argument("source", help="a dataset file, or a folder of videos (label = index of its subfolder)")
+    transcode.add_argument("--out", required=True, help="output folder (an interrupted run continues there)")
+    transcode.add_argument("--short-side", type=int, default=256, help="short side in pixels, never upscaled (256)")
+    transcode.add_argument("--gop", type=int, default=16, help="frames between keyframes (16)")
+    transcode.add_argument("--codec", default="libx264", help="encoder: libx264 (default), libvpx-vp9 or mjpeg")
+    transcode.add_argument("--crf", type=int, help="constant quality (default: 23 for libx264, 32 for libvpx-vp9)")
+    transcode.add_argument("--workers", type=int, help="parallel processes (default: all cores)")
+
+
+def _run_data(args) -> int:
+    from . import data_tools
+
+    try:
+        if args.tool == "check":
+            checks = data_tools.check_dataset(args.datasets, args.min_frames, args.workers)
+            print(data_tools.format_checks(checks))
+            if args.csv:
+                data_tools.write_checks_csv(checks, args.csv)
+            return int(any(c.reason is not None for c in checks))
+        result = data_tools.transcode_dataset(args.source, args.out, short_side=args.short_side, gop=args.gop,
+                                              encoder=args.codec, quality=args.crf, workers=args.workers)
+    except ValueError as e:  # a malformed dataset file or a bad argument: the message names it
+        print(f"vjepa-fast: error: {e}", file=sys.stderr)
+        return 2
+    for path, reason, detail in result.failures:
+        print(f"skipped {path}: {reason} ({detail})")
+    print(f"transcoded {result.transcoded}, reused {result.reused}, skipped {len(result.failures)}; "
+          f"dataset file: {result.dataset_file}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write one of our checkpoints in the official V-JEPA format")
+    p.add_argument("--checkpoint", required=True, help="e.g. runs/demo/checkpoints/latest.pt")
+    p.add_argument("--out", required=True, help="the official-format file to write (e.g. jepa-latest.pth.tar)")
+
+
+def _run_export(args) -> int:
+    from .checkpoint import export_official, load_checkpoint
+
+    state = load_checkpoint(args.checkpoint)
+    if state.get("format") != "vjepa_fast":
+        print(f"vjepa-fast: error: {args.checkpoint} is not one of our checkpoints", file=sys.stderr)
+        return 2
+    print(f"wrote {export_official(state, args.out)} (official layout: module.backbone.* keys, opt, epoch)")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: per-stage step time, throughput, MFU, fast vs reference parity")
+    kinds = p.add_subparsers(dest="bench", required=True)
+    step = kinds.add_parser("step", help="time every stage of a training step, reference and fast side by side")
+    _add_model_args(step)
+    step.add_argument("--paths", default="reference,fast", help="comma-separated: reference, fast")
+    step.add_argument("--backends", default="sdpa", help="comma-separated attention backends: sdpa, xformers, eager")
+    step.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    step.add_argument("--warmup", type=int, default=3)
+    step.add_argument("--peak-tflops", type=float, help="the peak for MFU (default: measured with a large matmul)")
+    step.add_argument("--no-parity", action="store_true", help="skip the fast-vs-reference parity check")
+    step.add_argument("--out", default="bench/out", help="folder for step_<config>.json/.md/.png")
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("--config", default="demo", help="a YAML path or a shipped config name (default: demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--batch", type=int, help="batch size (default: the config's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast path's blocks")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+
+
+def _bench_config(args):
+    overrides = list(args.overrides)
+    if args.batch:
+        overrides.append(f"data.batch_size={args.batch}")
+    if args.compile:
+        overrides.append("model.compile=true")
+    return load_config(args.config, overrides)
+
+
+def _run_bench(args) -> int:
+    from pathlib import Path
+
+    from bench import step
+
+    cfg = _bench_config(args)
+    result = step.run(cfg, paths=args.paths.split(","), backends=args.backends.split(","), device=args.device,
+                      steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops,
+                      check_parity=not args.no_parity)
+    written = step.write(result, Path(args.out), f"step_{cfg.name}")
+    print(step.markdown(result))
+    print("written: " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="torch.profiler trace of training steps with named stages")
+    _add_model_args(p)
+    p.add_argument("--steps", type=int, default=5, help="profiled steps (after 2 warm-up steps)")
+    p.add_argument("--memory-snapshot", action="store_true", help="also dump a CUDA memory snapshot")
+    p.add_argument("--out", default="runs/profile", help="output folder")
+
+
+def _run_profile(args) -> int:
+    from pathlib import Path
+
+    from bench import profile
+
+    written = profile.run(_bench_config(args), Path(args.out), steps=args.steps, device=args.device,
+                          memory_snapshot=args.memory_snapshot)
+    print(written["table"].read_text())
+    print(f"trace: {written['trace']} (open in chrome://tracing or https://ui.perfetto.dev)")
+    if "memory" in written:
+        print(f"memory snapshot: {written['memory']} (open in https://pytorch.org/memory_viz)")
     return 0
 
 
@@ -37,11 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vjepa-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     _add_train(sub)
+    _add_data(sub)
+    _add_eval(sub)
+    _add_bench(sub)
+    _add_profile(sub)
+    _add_export(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv or ["train"])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"train": _run_train}[args.command](args)
+        return {"train": _run_train, "eval": _run_eval, "data": _run_data, "bench": _run_bench,
+                "profile": _run_profile, "export": _run_export}[args.command](args)
     except (ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"vjepa-fast: error: {e}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ MODEL_SIZES = {
 }
 ATTN_BACKENDS = ("sdpa", "xformers", "eager")
 DTYPES = ("bfloat16", "float32")  # the compute dtype on CUDA; CPU runs compute in fp32
-LOADERS = ("auto", "pyav")
+LOADERS = ("auto", "dali", "pyav")
 PATHS = ("fast", "reference")
 TRUNCATIONS = ("lowest", "random")
 
@@ -135,6 +135,7 @@ class OptimizationConfig:
     ema: tuple[float, float] = (0.998, 1.0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    max_consecutive_nonfinite: int = 10  # skipped non-finite steps in a row before the run stops
 
 
 @dataclass
@@ -149,6 +150,8 @@ class LoggingConfig:
     write_tag: str = "jepa"
     checkpoint_every: int = 200  # steps
     log_every: int = 10  # steps between metric flushes (one host sync each) and progress-bar refreshes
+    health_every: int = 25  # steps between measurements of the target features' spreads (collapse monitor)
+    collapse_fraction: float = 0.6  # warn when the token spread falls under this fraction of its early value
 
 
 @dataclass
@@ -353,6 +356,11 @@ def validate(cfg: Config) -> Config:
            "the variance regulariser is not supported (the paper trains with 0)")
     _check(cfg.logging.checkpoint_every >= 1, "logging.checkpoint_every", cfg.logging.checkpoint_every, "must be >= 1")
     _check(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "must be >= 1")
+    _check(cfg.logging.health_every >= 1, "logging.health_every", cfg.logging.health_every, "must be >= 1")
+    _check(0 < cfg.logging.collapse_fraction < 1, "logging.collapse_fraction", cfg.logging.collapse_fraction,
+           "must lie in (0, 1)")
+    _check(o.max_consecutive_nonfinite >= 1, "optimization.max_consecutive_nonfinite", o.max_consecutive_nonfinite,
+           "must be >= 1")
     return cfg
 
 

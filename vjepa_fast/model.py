@@ -1,21 +1,22 @@
 """The V-JEPA model container: context encoder, predictor, EMA target encoder, and the training loss."""
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Mapping
+from typing import Callable, ContextManager, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
 
 from .checkpoint import NETWORKS, load_state_strict
 from .config import Config
 from .models import Predictor, VisionTransformer, gather_tokens
-from .models.packed import PackedLayout
+from .models.packed import kernel_ops
 
 TARGET_LN_EPS = 1e-5
+STAGES = ("target", "context", "predictor", "loss")  # the parts of VJEPA.loss, in order
 
 
 def build_encoder(cfg: Config) -> VisionTransformer:
@@ -55,9 +56,14 @@ class VJEPA(nn.Module):
         for net in (self.encoder, self.predictor):
             net.activation_checkpointing = cfg.model.activation_checkpointing
 
+    def unwrapped(self, name: str) -> nn.Module:
+        """The network `name` itself, also when a DDP wrapper holds it."""
+        net = getattr(self, name)
+        return getattr(net, "module", net)
+
     def set_attn_backend(self, backend: str) -> None:
-        for net in (self.encoder, self.predictor, self.target_encoder):
-            net.set_attn_backend(backend)
+        for name in NETWORKS:
+            self.unwrapped(name).set_attn_backend(backend)
 
     def load_networks(self, state: Mapping) -> None:
         """Strictly load the `encoder` / `predictor` / `target_encoder` state dicts found in `state`
@@ -66,50 +72,48 @@ class VJEPA(nn.Module):
         if not found:
             raise ValueError(f"no {', '.join(NETWORKS)} state dicts to load (keys: {sorted(state)[:10]})")
         for name in found:
-            load_state_strict(getattr(self, name), state[name], name)
+            load_state_strict(self.unwrapped(name), state[name], name)
 
     def loss(self, clips: torch.Tensor, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor],
-             path: str = "reference") -> torch.Tensor:
-        """Mean over masks of mean(|prediction - layer_norm(target)|^p)/p at the predicted tokens."""
+             path: str = "reference", stage: Callable[[str], ContextManager] | None = None) -> torch.Tensor:
+        """Mean over masks of mean(|prediction - layer_norm(target)|^p)/p at the predicted tokens.
+
+        `stage(name)`, if given, wraps each of STAGES (a timer or profiler range; see bench/step.py)."""
         if path not in self.PATHS:
             raise ValueError(f"unknown loss path {path!r}; available: {', '.join(self.PATHS)}")
         if len(masks_enc) != len(masks_pred):
             raise ValueError(f"got {len(masks_enc)} context masks but {len(masks_pred)} prediction masks")
-        if path == "fast":
-            return self._fast_loss(clips, masks_enc, masks_pred)
-        return self._reference_loss(clips, masks_enc, masks_pred)
+        stage = stage or (lambda name: contextlib.nullcontext())
+        with stage("target"):
+            h = self.targets(clips, path)
+        with stage("context"):
+            z = self.context(clips, masks_enc, path)
+        with stage("predictor"):
+            pred = self.predict(z, masks_enc, masks_pred, path)
+        with stage("loss"):
+            return self.objective(pred, h, masks_pred, path)
 
-    def _reference_loss(self, clips, masks_enc, masks_pred):
-        """The official computation: one encoder and one predictor pass per mask."""
-        with torch.no_grad():
-            h = self.target_encoder(clips)
-            h = F.layer_norm(h, (h.size(-1),), eps=TARGET_LN_EPS)
+    @torch.no_grad()
+    def targets(self, clips, path):
+        """Target-encoder features of the full clips: layer-normalised (reference); raw, for the fused loss (fast)."""
+        h = self.target_encoder(clips, path=path)
+        return h if path == "fast" else F.layer_norm(h, (h.size(-1),), eps=TARGET_LN_EPS)
+
+    def context(self, clips, masks_enc, path):
+        """Context-encoder features: one pass per mask (reference), or one patch-embed, one fused gather of every
+        mask's tokens with their position embeddings, and one pass over the packed masks (fast)."""
+        return self.encoder(clips, masks_enc, path=path)
+
+    def predict(self, z, masks_enc, masks_pred, path):
+        """Predictions at the target tokens: one predictor pass per mask (reference) or one packed pass (fast)."""
+        return self.predictor(z, masks_enc, masks_pred, path=path)
+
+    def objective(self, pred, h, masks_pred, path):
+        """L1 (to the power loss_exp) between predictions and targets, averaged per mask, then over masks. The fast
+        path layer-normalises and gathers the target rows inside one fused kernel."""
         p = self.loss_exp
-        loss = 0.0
-        for i, (m_enc, m_pred) in enumerate(zip(masks_enc, masks_pred)):
-            z = self.predictor(self.encoder(clips, m_enc), m_enc, m_pred, i)
-            loss = loss + torch.mean(torch.abs(z - gather_tokens(h, m_pred)) ** p) / p
-        return loss / len(masks_pred)
-
-    def _fast_loss(self, clips, masks_enc, masks_pred):
-        """The same function with less work: one patch-embed, one fused gather of every mask's context tokens,
-        one context-encoder and one predictor pass over the packed masks, the target encoder once, and the
-        target layer-norm + L1 fused (never materialising normalised or gathered targets)."""
-        gather, l1 = _kernel_ops(clips.device)
-        with torch.no_grad():
-            h = self.target_encoder.forward_dense_packed(clips)
-        enc = self.encoder
-        tokens = enc.embed(clips)
-        x, _ = gather(tokens, masks_enc, pos=enc.pos_embed[0])
-        B = clips.size(0)
-        z = enc.forward_packed(x.to(tokens.dtype), PackedLayout.uniform(B, [m.size(1) for m in masks_enc]))
-        pred = self.predictor.forward_packed(z, masks_enc, masks_pred)
-        return l1(pred, h, masks_pred, eps=TARGET_LN_EPS, loss_exp=self.loss_exp)
-
-
-def _kernel_ops(device: torch.device):
-    """(gather_tokens, masked_l1_loss): the Triton kernels where they run (CUDA, or the Triton interpreter),
-    their PyTorch references elsewhere."""
-    if device.type == "cuda" or kernels.runs_on_cpu():
-        return kernels.gather_tokens, kernels.masked_l1_loss
-    return kernels.gather_tokens_reference, kernels.masked_l1_loss_reference
+        if path == "fast":
+            _, l1 = kernel_ops(h.device)
+            return l1(pred, h, masks_pred, eps=TARGET_LN_EPS, loss_exp=p)
+        losses = [torch.mean(torch.abs(zi - gather_tokens(h, m)) ** p) / p for zi, m in zip(pred, masks_pred)]
+        return sum(losses) / len(losses)

@@ -15,16 +15,19 @@ from .config import OptimizationConfig
 
 
 def param_groups(*modules: nn.Module) -> list[dict]:
-    """Per module: weights with decay, then biases and 1-D parameters without (`WD_exclude`)."""
+    """Per module: weights with decay, then biases and 1-D parameters without (`WD_exclude`). As the official
+    code, frozen parameters (the fixed position embeddings) stay in the groups (they never get a gradient, so
+    AdamW skips them), which keeps optimizer states interchangeable with official checkpoints."""
     decay, no_decay = [], []
     for module in modules:
-        decay.append([p for n, p in module.named_parameters() if p.requires_grad and "bias" not in n and p.dim() != 1])
-        no_decay.append([p for n, p in module.named_parameters() if p.requires_grad and ("bias" in n or p.dim() == 1)])
+        decay.append([p for n, p in module.named_parameters() if "bias" not in n and p.dim() != 1])
+        no_decay.append([p for n, p in module.named_parameters() if "bias" in n or p.dim() == 1])
     return ([{"params": ps} for ps in decay]
             + [{"params": ps, "WD_exclude": True, "weight_decay": 0.0} for ps in no_decay])
 
 
-def build_optimizer(opt: OptimizationConfig, *modules: nn.Module, fused: bool = False) -> torch.optim.AdamW:
+def build_optimizer(opt: OptimizationConfig, *modules: nn.Module, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over `modules`; fused (CPU and CUDA), which also lets a training step skip itself on the device."""
     return torch.optim.AdamW(param_groups(*modules), lr=opt.start_lr, betas=opt.betas, eps=opt.eps,
                              weight_decay=opt.weight_decay, fused=fused or None)
 

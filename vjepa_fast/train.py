@@ -1,7 +1,9 @@
 """The V-JEPA pretraining loop: data -> masks -> loss -> AdamW -> EMA, with a run directory that survives crashes.
 
 Every source of randomness inside the loop (the data stream, the mask positions) is a pure function of
-(seed, step), so a run resumed from a checkpoint replays exactly the steps an uninterrupted run takes.
+(seed, step), so a run resumed from a checkpoint replays exactly the steps an uninterrupted run takes. A step with
+a non-finite loss or gradient is skipped on the device (weights, optimizer state and EMA untouched); SIGTERM saves
+a checkpoint and stops cleanly; under torchrun every rank trains its shard and rank 0 writes the run directory.
 """
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ import contextlib
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -20,8 +25,12 @@ from tqdm import tqdm
 import kernels
 
 from . import checkpoint as ckpt
+from . import distributed as dist_utils
+from dali_pipelines import SKIP_REASONS
+
 from .config import Config, save_config
-from .data import build_train_loader
+from .data import build_train_loader, dataset_paths
+from .health import HealthMonitor
 from .masks import MaskGenerator
 from .model import VJEPA
 from .optim import Schedule, apply_schedule, build_optimizer
@@ -30,7 +39,9 @@ from .run_log import MetricsLog, plot_loss
 log = logging.getLogger(__name__)
 
 METRIC_FIELDS = ["step", "loss", "lr", "wd", "momentum", "grad_norm_encoder", "grad_norm_predictor",
-                 "clips_per_s", "step_s", "data_s", "skipped_inputs"]
+                 "clips_per_s", "step_s", "data_s", "skipped_step", "skipped_steps_total",
+                 "health_token_spread", "health_clip_spread", "health_token_spread_ratio", "skipped_inputs",
+                 *(f"skipped_{reason}" for reason in SKIP_REASONS)]
 
 
 @dataclass
@@ -41,6 +52,8 @@ class TrainResult:
     first_loss: float
     last_loss: float
     seconds: float
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    stopped_by: str | None = None  # "SIGTERM" when preempted (a checkpoint was saved)
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -83,7 +96,8 @@ class EMA:
             self.flat = (kernels.flatten_params(model.target_encoder), kernels.flatten_params(model.encoder))
 
     @torch.no_grad()
-    def __call__(self, momentum: float) -> None:
+    def __call__(self, momentum: float | torch.Tensor) -> None:
+        """momentum: a float, or a 0-d device tensor (no host synchronisation)."""
         if self.flat is not None:
             kernels.ema_(*self.flat, momentum)
         else:
@@ -91,39 +105,81 @@ class EMA:
 
 
 class StepLog:
-    """Per-step metrics kept on the device and written to metrics.csv in one host synchronisation per flush."""
+    """Per-step metrics kept on the device and written to metrics.csv in one host synchronisation per flush
+    (averaged over ranks; rank 0 writes). Counts steps skipped for non-finite numbers, in a row and in total."""
 
-    def __init__(self, metrics: MetricsLog, batch: int, skipped_inputs):
-        self.metrics, self.batch, self.skipped_inputs = metrics, batch, skipped_inputs
+    def __init__(self, metrics: MetricsLog | None, batch: int, skipped_inputs, env: dist_utils.DistEnv,
+                 skipped_total: int = 0):
+        self.metrics, self.batch, self.skipped_inputs, self.env = metrics, batch, skipped_inputs, env
         self.rows: list[tuple] = []
         self.since = time.perf_counter()
         self.first_loss = self.last_loss = float("nan")
-        self.nonfinite_step: int | None = None  # the first step whose loss was not finite
+        self.skipped_total, self.skipped_in_a_row, self.last_skipped = skipped_total, 0, None
 
-    def add(self, step, loss, norm_enc, norm_pred, lr, wd, momentum, data_s) -> None:
-        self.rows.append((step, torch.stack([loss.float(), norm_enc.float(), norm_pred.float()]), lr, wd, momentum,
-                          data_s))
+    def add(self, step, loss, norm_enc, norm_pred, finite, lr, wd, momentum, data_s, health=None) -> None:
+        values = torch.stack([loss.float(), norm_enc.float(), norm_pred.float(), (~finite).float()])
+        self.rows.append((step, values, lr, wd, momentum, data_s, health or {}))
 
     def flush(self) -> dict | None:
         """Write the pending rows; returns the last one (None if nothing was pending)."""
         if not self.rows:
             return None
-        values = torch.stack([r[1] for r in self.rows]).tolist()
+        values = dist_utils.mean_across_ranks(torch.stack([r[1] for r in self.rows]), self.env).tolist()
         now = time.perf_counter()
         step_s = (now - self.since) / len(self.rows)  # wall time per step over the window (device included)
-        skipped = self.skipped_inputs()
-        for (step, _, lr, wd, momentum, data_s), (loss, n_enc, n_pred) in zip(self.rows, values):
+        skipped_inputs = self.skipped_inputs()  # this rank's bad input files, by reason
+        for (step, _, lr, wd, momentum, data_s, health), (loss, n_enc, n_pred, skipped) in zip(self.rows, values):
+            skipped = skipped > 0  # on any rank: DDP's averaged gradient is then non-finite on every rank
+            self.skipped_total += skipped
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+            if skipped:
+                self.last_skipped = step
+                log.warning("step %d skipped: non-finite loss or gradient (loss %s, grad norms %s / %s); weights, "
+                            "optimizer state and EMA left as they were", step, loss, n_enc, n_pred)
             row = {"step": step, "loss": loss, "lr": lr, "wd": wd, "momentum": momentum, "grad_norm_encoder": n_enc,
-                   "grad_norm_predictor": n_pred, "clips_per_s": self.batch / step_s, "step_s": step_s,
-                   "data_s": data_s, "skipped_inputs": skipped}
-            self.metrics.write(row)
-            if math.isnan(self.first_loss):
-                self.first_loss = loss
-            self.last_loss = loss
-            if not math.isfinite(loss) and self.nonfinite_step is None:
-                self.nonfinite_step = step
+                   "grad_norm_predictor": n_pred, "clips_per_s": self.batch * self.env.world_size / step_s,
+                   "step_s": step_s, "data_s": data_s, "skipped_inputs": sum(skipped_inputs.values()),
+                   **{f"skipped_{reason}": n for reason, n in skipped_inputs.items()},
+                   "skipped_step": int(skipped), "skipped_steps_total": self.skipped_total, **health}
+            if self.metrics is not None:
+                self.metrics.write(row)
+            if math.isfinite(loss):
+                if math.isnan(self.first_loss):
+                    self.first_loss = loss
+                self.last_loss = loss
         self.rows, self.since = [], now
         return row
+
+
+class StopRequest:
+    """Turns SIGTERM (preemption) into a request to save and stop at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self, env: dist_utils.DistEnv) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank calls it at the same steps)."""
+        if not env.enabled:
+            return self.requested
+        flag = torch.tensor([float(self.requested)])
+        if torch.distributed.get_backend() == "nccl":
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def _grad_norm_and_clip(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
@@ -132,6 +188,30 @@ def _grad_norm_and_clip(module: torch.nn.Module, max_norm: float | None) -> torc
     if max_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
     return norm
+
+
+def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, ema: EMA, clips: torch.Tensor,
+               masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor], *, path: str, autocast,
+               max_norm: float | None, momentum: float, stage: Callable[[str], ContextManager] | None = None):
+    """One optimisation step: loss, backward, per-module gradient norms (clipped when `max_norm` is set), AdamW,
+    EMA; a non-finite loss or gradient skips the update on the device. Returns device tensors (loss, encoder grad
+    norm, predictor grad norm, finite): no host synchronisation. `optimizer` must be a fused AdamW.
+    `stage(name)` wraps each part (STAGES of the loss, then "backward", "optimizer", "ema") for timing."""
+    stage = stage or (lambda name: contextlib.nullcontext())
+    with autocast:
+        loss = model.loss(clips, masks_enc, masks_pred, path=path, stage=stage)
+    with stage("backward"):
+        loss.backward()
+    with stage("optimizer"):
+        norm_enc = _grad_norm_and_clip(model.encoder, max_norm)
+        norm_pred = _grad_norm_and_clip(model.predictor, max_norm)
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(norm_enc) & torch.isfinite(norm_pred)
+        optimizer.found_inf = (~finite).float()  # the fused AdamW skips its whole update (state included)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with stage("ema"):
+        ema(torch.where(finite, momentum, 1.0))  # momentum 1 leaves the target encoder as it was
+    return loss.detach(), norm_enc, norm_pred, finite
 
 
 class RunDir:
@@ -146,105 +226,140 @@ class RunDir:
         self.latest = self.root / "checkpoints" / "latest.pt"
 
 
+OOM_ADVICE = ("lower data.batch_size, set model.activation_checkpointing=true, use meta.path=fast (one packed "
+              "pass for all masks), or train at a smaller data.crop_size / data.num_frames")
+
+
 def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
           device: str | None = None, max_steps: int | None = None, progress: bool = True) -> TrainResult:
-    """Train `cfg` into `run_dir` (default runs/<config name>); `max_steps` stops early (schedules unchanged)."""
+    """Train `cfg` into `run_dir` (default runs/<config name>); `max_steps` stops early (schedules unchanged).
+    Under torchrun (WORLD_SIZE > 1) each process trains its shard of the data."""
     run = RunDir(run_dir or Path("runs") / cfg.name)
     if run.latest.exists() and not (resume or overwrite):
         raise FileExistsError(f"{run.root} already holds a checkpoint ({run.latest}); pass --resume to continue "
                               f"it, --overwrite to start again, or choose another --run-dir")
     if resume and not run.latest.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {run.latest}")
-    run.root.mkdir(parents=True, exist_ok=True)
-    file_log = logging.FileHandler(run.log_file)
-    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(file_log)
+    env, dev = dist_utils.init_distributed(pick_device(device))
+    file_log = None
+    if env.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        file_log = logging.FileHandler(run.log_file)
+        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(file_log)
     try:
-        return _train(cfg, run, resume, pick_device(device), max_steps, progress)
+        return _train(cfg, run, resume, dev, max_steps, progress and env.is_main, env)
+    except torch.OutOfMemoryError as e:
+        raise RuntimeError(f"out of memory with data.batch_size={cfg.data.batch_size} on {dev}: {OOM_ADVICE}. "
+                           f"The last checkpoint ({run.latest}) is intact.") from e
     finally:
-        logging.getLogger().removeHandler(file_log)
-        file_log.close()
+        if file_log is not None:
+            logging.getLogger().removeHandler(file_log)
+            file_log.close()
 
 
 def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_steps: int | None,
-           progress: bool) -> TrainResult:
+           progress: bool, env: dist_utils.DistEnv) -> TrainResult:
     seed_everything(cfg.meta.seed)
     model = VJEPA(cfg).to(device)
-    ema = EMA(model, fused=cfg.meta.path == "fast")  # flattens the parameters: before the optimizer sees them
-    optimizer = build_optimizer(cfg.optimization, model.encoder, model.predictor, fused=device.type == "cuda")
+    ema = EMA(model, fused=cfg.meta.path == "fast")  # flattens the parameters: before DDP and the optimizer
     schedule = Schedule.from_config(cfg.optimization)
     total = min(cfg.total_steps, max_steps) if max_steps else cfg.total_steps
+    health = HealthMonitor(cfg.logging.health_every, cfg.logging.collapse_fraction)
 
-    start = 0
+    start, skipped_total = 0, 0
+    optimizer_state = None
     if resume:
         state = ckpt.load_checkpoint(run.latest, map_location=device)
         model.load_networks(state)
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer_state = state["optimizer"]
         ckpt.set_rng_state(state["rng"])
-        start = state["step"]
+        health.load_state_dict(state["health"])
+        start, skipped_total = state["step"], state["skipped_steps"]
         log.info("resumed %s at step %d", run.latest, start)
     elif cfg.meta.load_checkpoint and cfg.meta.read_checkpoint:
         source = cfg.meta.read_checkpoint
         state = ckpt.load_checkpoint(source)
         model.load_networks(state if state.get("format") == ckpt.FORMAT else ckpt.import_official(source))
         log.info("initialised the networks from %s", source)
-    save_config(cfg, run.config)
+    if env.enabled:
+        model.encoder = dist_utils.wrap_ddp(model.encoder, device)
+        model.predictor = dist_utils.wrap_ddp(model.predictor, device)
+    optimizer = build_optimizer(cfg.optimization, model.encoder, model.predictor, fused=True)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
 
     def save(step: int) -> None:
-        ckpt.save_checkpoint({"format": ckpt.FORMAT, "version": 1, "step": step, "config": cfg.to_dict(),
-                              **{name: getattr(model, name).state_dict() for name in ckpt.NETWORKS},
-                              "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state()}, run.latest)
+        dist_utils.assert_replicas_equal({n: model.unwrapped(n) for n in ("encoder", "predictor", "target_encoder")},
+                                         env)
+        if env.is_main:
+            ckpt.save_checkpoint({"format": ckpt.FORMAT, "version": 1, "step": step, "config": cfg.to_dict(),
+                                  **{name: model.unwrapped(name).state_dict() for name in ckpt.NETWORKS},
+                                  "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state(),
+                                  "health": health.state_dict(), "skipped_steps": pending.skipped_total},
+                                 run.latest)
+        dist_utils.barrier(env)
 
-    metrics = MetricsLog(run.metrics, METRIC_FIELDS, resume_step=start if resume else None)
-    loader = build_train_loader(cfg, start_step=start)
+    if env.is_main:
+        save_config(cfg, run.config)
+        dataset_paths(cfg)  # generates the embedded dataset once, before the other ranks look for it
+    dist_utils.barrier(env)
+    metrics = MetricsLog(run.metrics, METRIC_FIELDS, resume_step=start if resume else None) if env.is_main else None
+    loader = build_train_loader(cfg, start_step=start, rank=env.rank, world_size=env.world_size)
     masks = MaskGenerator(cfg.mask, cfg.data.crop_size, cfg.data.num_frames, cfg.data.patch_size,
                           cfg.data.tubelet_size)
     batch = cfg.data.batch_size
     clip_after = schedule.warmup_steps
-    log.info("training %s on %s: steps %d -> %d, batch %d, run dir %s", cfg.name, device, start, total, batch,
-             run.root)
+    log.info("training %s on %s x %d: steps %d -> %d, batch %d per rank, run dir %s", cfg.name, device,
+             env.world_size, start, total, batch, run.root)
 
-    pending = StepLog(metrics, batch, lambda: sum(loader.stats.values()))
+    pending = StepLog(metrics, batch, lambda: dict(loader.stats), env, skipped_total)
     t_start = time.perf_counter()
-    step = start
+    step, stopped_by = start, None
     bar = tqdm(total=total, initial=start, disable=not progress, desc=cfg.name, unit="step", dynamic_ncols=True)
     model.train()
     try:
-        while step < total:
-            t0 = time.perf_counter()
-            clips, _labels = next(loader)
-            clips = clips.to(device, non_blocking=True)
-            t_data = time.perf_counter() - t0
-            # masks are drawn on the CPU (no device sync for their sizes) while the device works
-            masks_enc, masks_pred = masks.gen(batch, step, generator=mask_generator_for(cfg, step))
-            masks_enc = [m.to(device, non_blocking=True) for m in masks_enc]
-            masks_pred = [m.to(device, non_blocking=True) for m in masks_pred]
-            lr, wd = schedule.lr(step + 1), schedule.wd(step + 1)
-            apply_schedule(optimizer, lr, wd)
+        with StopRequest() as stop:
+            while step < total:
+                t0 = time.perf_counter()
+                clips, _labels = next(loader)
+                clips = clips.to(device, non_blocking=True)
+                t_data = time.perf_counter() - t0
+                # masks are drawn on the CPU (no device sync for their sizes) while the device works
+                masks_enc, masks_pred = masks.gen(batch, step, generator=mask_generator_for(cfg, step))
+                masks_enc = [m.to(device, non_blocking=True) for m in masks_enc]
+                masks_pred = [m.to(device, non_blocking=True) for m in masks_pred]
+                lr, wd = schedule.lr(step + 1), schedule.wd(step + 1)
+                apply_schedule(optimizer, lr, wd)
+                spreads = None
+                if health.due(step):
+                    with torch.no_grad(), autocast_for(cfg, device):
+                        spreads = health.observe(step, model.target_encoder(clips, path=cfg.meta.path))
 
-            with autocast_for(cfg, device):
-                loss = model.loss(clips, masks_enc, masks_pred, path=cfg.meta.path)
-            loss.backward()
-            max_norm = cfg.optimization.clip_grad if step >= clip_after else None
-            norm_enc = _grad_norm_and_clip(model.encoder, max_norm)
-            norm_pred = _grad_norm_and_clip(model.predictor, max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            momentum = schedule.momentum(step)
-            ema(momentum)
-            pending.add(step, loss.detach(), norm_enc, norm_pred, lr, wd, momentum, t_data)
-            step += 1
-            bar.update(1)
-            if step % cfg.logging.log_every == 0 or step == total:
-                last = pending.flush()  # the one host synchronisation every log_every steps
-                if pending.nonfinite_step is not None:
-                    raise FloatingPointError(f"non-finite loss at step {pending.nonfinite_step}; the last checkpoint "
-                                             f"({run.latest}) is intact. Try a lower optimization.lr.")
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
-                                clips_s=f"{last['clips_per_s']:.1f}")
-            if step % cfg.logging.checkpoint_every == 0 or step == total:
-                pending.flush()
-                save(step)
+                max_norm = cfg.optimization.clip_grad if step >= clip_after else None
+                momentum = schedule.momentum(step)
+                loss, norm_enc, norm_pred, finite = train_step(
+                    model, optimizer, ema, clips, masks_enc, masks_pred, path=cfg.meta.path,
+                    autocast=autocast_for(cfg, device), max_norm=max_norm, momentum=momentum)
+                pending.add(step, loss, norm_enc, norm_pred, finite, lr, wd, momentum, t_data, spreads)
+                step += 1
+                bar.update(1)
+                boundary = step % cfg.logging.log_every == 0 or step == total
+                if boundary:
+                    last = pending.flush()  # the one host synchronisation every log_every steps
+                    _check_skipped(pending, cfg, run)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                    clips_s=f"{last['clips_per_s']:.1f}")
+                if (stop.requested if not env.enabled else boundary and stop.agreed(env)) and step < total:
+                    pending.flush()
+                    save(step)
+                    stopped_by = "SIGTERM"
+                    log.warning("stopped by SIGTERM at step %d; checkpoint %s (continue with --resume)", step,
+                                run.latest)
+                    break
+                if step % cfg.logging.checkpoint_every == 0 or step == total:
+                    pending.flush()
+                    save(step)
     except KeyboardInterrupt:
         log.warning("interrupted at step %d: saving %s", step, run.latest)
         pending.flush()
@@ -253,10 +368,22 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
     finally:
         bar.close()
         loader.close()
-        metrics.close()
-        if run.metrics.exists():
-            plot_loss(run.metrics, run.loss_plot, title=f"{cfg.name}: V-JEPA loss")
+        if metrics is not None:
+            metrics.close()
+            if run.metrics.exists():
+                plot_loss(run.metrics, run.loss_plot, title=f"{cfg.name}: V-JEPA loss")
     seconds = time.perf_counter() - t_start
-    log.info("done: steps %d -> %d in %.1f s, loss %.4f -> %.4f; checkpoint %s", start, step, seconds,
-             pending.first_loss, pending.last_loss, run.latest)
-    return TrainResult(run.root, start, step, pending.first_loss, pending.last_loss, seconds)
+    log.info("done: steps %d -> %d in %.1f s, loss %.4f -> %.4f, %d skipped steps; checkpoint %s", start, step,
+             seconds, pending.first_loss, pending.last_loss, pending.skipped_total, run.latest)
+    return TrainResult(run.root, start, step, pending.first_loss, pending.last_loss, seconds,
+                       pending.skipped_total, stopped_by)
+
+
+def _check_skipped(pending: StepLog, cfg: Config, run: RunDir) -> None:
+    limit = cfg.optimization.max_consecutive_nonfinite
+    if pending.skipped_in_a_row >= limit:
+        raise FloatingPointError(
+            f"{pending.skipped_in_a_row} consecutive steps (last: {pending.last_skipped}) had a non-finite loss or "
+            f"gradient and were skipped; the weights are those before them and {run.latest} is intact. Try a lower "
+            f"optimization.lr, gradient clipping from the start (optimization.clip_grad with a shorter warmup), "
+            f"meta.dtype=bfloat16 or float32, and check the data (vjepa-fast data check).")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import kernels
+
 try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch builds without variable-length attention
@@ -20,6 +22,14 @@ except ImportError:  # torch builds without variable-length attention
 
 
 BACKENDS = ("sdpa", "xformers", "eager")
+
+
+def kernel_ops(device: torch.device):
+    """(gather_tokens, masked_l1_loss): the Triton kernels where they run (CUDA, or the Triton interpreter),
+    their PyTorch references elsewhere."""
+    if device.type == "cuda" or kernels.runs_on_cpu():
+        return kernels.gather_tokens, kernels.masked_l1_loss
+    return kernels.gather_tokens_reference, kernels.masked_l1_loss_reference
 
 
 @dataclass(frozen=True)

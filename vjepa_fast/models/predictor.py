@@ -37,8 +37,16 @@ class Predictor(nn.Module):
         for blk in self.predictor_blocks:
             blk.attn.backend = backend
 
-    def forward(self, z: torch.Tensor, mask_ctx: torch.Tensor, mask_tgt: torch.Tensor,
-                mask_index: int) -> torch.Tensor:
+    def forward(self, z, masks_ctx: list[torch.Tensor], masks_tgt: list[torch.Tensor], path: str = "reference"):
+        """Predictions at every mask's target tokens. Reference: z a list of [B, Kc_i, D] context features, one
+        predictor pass per mask -> list of [B, Kt_i, D]. Fast: z packed [sum_i B*Kc_i, D] (order: mask, sample,
+        index), one pass over all masks -> [sum_i B*Kt_i, D] in the same order."""
+        if path == "fast":
+            return self._forward_fast(z, masks_ctx, masks_tgt)
+        return [self._forward_reference(zi, mc, mt, i) for i, (zi, mc, mt) in enumerate(zip(z, masks_ctx, masks_tgt))]
+
+    def _forward_reference(self, z: torch.Tensor, mask_ctx: torch.Tensor, mask_tgt: torch.Tensor,
+                           mask_index: int) -> torch.Tensor:
         B = z.size(0)
         pos = self.predictor_pos_embed.expand(B, -1, -1)
         x = self.predictor_embed(z)
@@ -55,10 +63,8 @@ class Predictor(nn.Module):
         """Official quirk: fp32 mask tokens concatenated to a low-precision context make the stream fp32."""
         return torch.promote_types(ctx.dtype, tgt.dtype) if self.fp32_residual else ctx.dtype
 
-    def forward_packed(self, z: torch.Tensor, masks_ctx: list[torch.Tensor],
-                       masks_tgt: list[torch.Tensor]) -> torch.Tensor:
-        """All masks in one pass. z: packed context features [sum_i B*Kc_i, D] (order: mask, sample, index)
-        -> predictions [sum_i B*Kt_i, D] in the same order."""
+    def _forward_fast(self, z: torch.Tensor, masks_ctx: list[torch.Tensor],
+                      masks_tgt: list[torch.Tensor]) -> torch.Tensor:
         B = masks_ctx[0].size(0)
         pos = self.predictor_pos_embed[0]
         ctx = self.predictor_embed(z)

@@ -147,8 +147,23 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             blk.attn.backend = backend
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | list[torch.Tensor] | None = None,
+                path: str = "reference"):
+        """Features of clips x [B, 3, T, H, W].
+
+        masks None: all tokens [B, N, D]. One int64 [B, K] mask: the kept tokens [B, K, D]. A list of masks:
+        reference path, one pass per mask (as the official multi-mask wrapper) -> list of [B, K_i, D]; fast path,
+        one patch embedding, one fused gather and one pass over the packed masks -> [sum_i B*K_i, D] (order: mask,
+        sample, index). Everything goes through forward() so that DDP / FSDP wrappers see it.
+        """
         self._check_clips(x)
+        if path == "fast":
+            return self._forward_fast(x, masks)
+        if isinstance(masks, (list, tuple)):
+            return [self._forward_reference(x, m) for m in masks]
+        return self._forward_reference(x, masks)
+
+    def _forward_reference(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = self.patch_embed(x)
         x = (x + self.pos_embed).to(x.dtype)  # as the official in-place add: low precision under autocast
         if mask is not None:
@@ -157,25 +172,23 @@ class VisionTransformer(nn.Module):
             x = blk(x)
         return self.norm(x)
 
+    def _forward_fast(self, x: torch.Tensor, masks) -> torch.Tensor:
+        tokens = self.patch_embed(x)
+        B, N, D = tokens.shape
+        if masks is None:  # every token of a clip as one sequence
+            x = (tokens + self.pos_embed).to(tokens.dtype).reshape(B * N, D)
+            layout = packed.PackedLayout.uniform(B, [N])
+        else:
+            masks = [masks] if isinstance(masks, torch.Tensor) else list(masks)
+            gather, _ = packed.kernel_ops(x.device)
+            x = gather(tokens, masks, pos=self.pos_embed[0])[0].to(tokens.dtype)
+            layout = packed.PackedLayout.uniform(B, [m.size(1) for m in masks])
+        x = run_blocks_packed(self.blocks, x, layout, compiled=self.compiled,
+                              activation_checkpointing=self.activation_checkpointing)
+        x = self.norm(x)
+        return x.view(B, N, D) if masks is None else x
+
     def _check_clips(self, x: torch.Tensor) -> None:
         expected = (3, self.num_frames, self.img_size, self.img_size)
         if x.dim() != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"encoder expects clips [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch tokens [B, N, D] of clips, without position embeddings."""
-        self._check_clips(x)
-        return self.patch_embed(x)
-
-    def forward_packed(self, x: torch.Tensor, layout: packed.PackedLayout) -> torch.Tensor:
-        """Blocks and final norm over packed, position-embedded tokens [T, D]."""
-        x = run_blocks_packed(self.blocks, x, layout, compiled=self.compiled,
-                              activation_checkpointing=self.activation_checkpointing)
-        return self.norm(x)
-
-    def forward_dense_packed(self, x: torch.Tensor) -> torch.Tensor:
-        """forward(x) computed by the packed blocks: all tokens of each clip as one sequence -> [B, N, D]."""
-        tokens = self.embed(x)
-        B, N, D = tokens.shape
-        tokens = (tokens + self.pos_embed).to(tokens.dtype)
-        return self.forward_packed(tokens.reshape(B * N, D), packed.PackedLayout.uniform(B, [N])).view(B, N, D)

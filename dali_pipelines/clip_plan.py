@@ -1,0 +1,73 @@
+"""Every choice that makes a clip, taken before decoding: which video (bad ones replaced by fresh draws), which
+frames, which crop box, whether to flip. The PyAV and the DALI loader both take their clips from here, so for the
+same (seed, stream position) they pick the same video, frames, box and flip.
+"""
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from dali_pipelines.bad_input import VideoError, describe_failures
+from dali_pipelines.dataset_file import DatasetIndex
+from dali_pipelines.pyav_decode import VideoInfo, probe_video
+from dali_pipelines.sample_order import CLIP_STREAM
+from dali_pipelines.sampling import centre_square_box, frame_indices, random_resized_crop_box
+from dali_pipelines.spec import ClipSpec
+
+# Draws tried for one batch slot before giving up (all bad: the dataset is mostly unusable).
+MAX_DRAWS_PER_CLIP = 32
+
+Loaded = TypeVar("Loaded")
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """One clip of `path`: frame indices (int64 [T], presentation order), crop box (top, left, height, width) in the
+    full frame, and a horizontal flip."""
+    path: str
+    info: VideoInfo
+    frames: np.ndarray
+    box: tuple[int, int, int, int]
+    flip: bool
+
+
+def plan_clip(path: str, spec: ClipSpec, rng: np.random.Generator) -> ClipPlan:
+    """Probe `path` and draw its clip's frames, box and flip from `rng` (none drawn in eval mode); raises VideoError
+    for an unusable or too-short video."""
+    info = probe_video(path)
+    if info.num_frames < spec.required_frames:
+        raise VideoError("too_short", f"{info.num_frames} frames, at least {spec.required_frames} needed")
+    frames = frame_indices(info.num_frames, spec.num_frames, spec.sampling_rate, rng if spec.train else None)
+    if not spec.train:
+        return ClipPlan(path, info, frames, centre_square_box(info.height, info.width), False)
+    box = random_resized_crop_box(info.height, info.width, spec.random_resize_scale,
+                                  spec.random_resize_aspect_ratio, rng)
+    flip = spec.horizontal_flip and rng.uniform() < 0.5
+    return ClipPlan(path, info, frames, box, bool(flip))
+
+
+def load_first_usable(dataset: DatasetIndex, spec: ClipSpec, seed: int, key: tuple[int, int],
+                      load: Callable[[ClipPlan], Loaded]) -> tuple[Loaded, int, list]:
+    """(load(plan), label, attempts) for the stream slot key = (global sample position, dataset index).
+
+    Attempt a draws from a generator seeded by (seed, position, a); a video that fails to probe or load (VideoError)
+    is replaced by a fresh draw from the next attempt's generator. `attempts` lists (dataset index, skip reason or
+    None, detail) of every video tried, for the SkipTracker.
+    """
+    position, index = key
+    attempts = []
+    for attempt in range(MAX_DRAWS_PER_CLIP):
+        rng = np.random.default_rng((seed, CLIP_STREAM, position, attempt))
+        if attempt > 0:
+            index = int(rng.choice(len(dataset), p=dataset.probabilities))
+        try:
+            loaded = load(plan_clip(dataset.paths[index], spec, rng))
+        except VideoError as error:
+            attempts.append((index, error.reason, error.detail))
+            continue
+        attempts.append((index, None, None))
+        return loaded, int(dataset.labels[index]), attempts
+    failures = list(dict.fromkeys((dataset.paths[i], reason, detail) for i, reason, detail in attempts))
+    raise RuntimeError(f"{MAX_DRAWS_PER_CLIP} videos drawn in a row are unusable; check the dataset files:\n"
+                       f"{describe_failures(failures)}")
