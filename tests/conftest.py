@@ -26,3 +26,12 @@ def poison_empty():
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
     torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """16 tiny synthetic videos (24 frames, 40 px) with their dataset files."""
+    from vjepa_fast.synthetic import ensure_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    return ensure_synthetic_dataset(str(root), num_videos=16, frames=24, size=40, progress=False)

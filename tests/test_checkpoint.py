@@ -111,3 +111,28 @@ def test_load_encoder_from_official_format_and_ours(tmp_path):
         load_encoder(tmp_path / "official.pt", num_frames=6, num_heads=2)
     with pytest.raises(ValueError, match="'encoder' or 'target_encoder'"):
         load_encoder(tmp_path / "ours.pt", key="predictor")
+
+
+def test_export_then_continue_pretraining_from_the_official_file(tiny_dataset, tmp_path):
+    from vjepa_fast import cli
+    from vjepa_fast.optim import build_optimizer
+    from vjepa_fast.train import train
+
+    data = f"data.datasets=[{tiny_dataset.motion_train_csv}]"
+    train(tiny_config(data), tmp_path / "run", max_steps=2, progress=False)
+    ours = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "latest.pt"),
+                     "--out", str(tmp_path / "official.pth.tar")]) == 0
+    raw = torch.load(tmp_path / "official.pth.tar", weights_only=False)
+    assert {"encoder", "predictor", "target_encoder", "opt", "epoch", "batch_size", "lr"} <= set(raw)
+    assert all(k.startswith("module.backbone.") for k in raw["encoder"])
+    # the official optimizer state drops into our optimizer (same param groups, same order)
+    model = VJEPA(tiny_config(data))
+    build_optimizer(tiny_config(data).optimization, model.encoder, model.predictor).load_state_dict(raw["opt"])
+    # continue pretraining from it (lr 0: the networks must start, and stay, at the exported weights)
+    cfg = tiny_config(data, "meta.load_checkpoint=true", f"meta.read_checkpoint={tmp_path / 'official.pth.tar'}",
+                      "optimization.start_lr=0", "optimization.lr=0", "optimization.final_lr=0")
+    train(cfg, tmp_path / "continued", max_steps=1, progress=False)
+    cont = load_checkpoint(tmp_path / "continued" / "checkpoints" / "latest.pt")
+    for net in ("encoder", "predictor"):
+        assert all(torch.equal(v, cont[net][k]) for k, v in ours[net].items())

@@ -80,7 +80,8 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="collapse_fraction"):
         HealthMonitor(every=10, collapse_fraction=1.5)
     with pytest.raises(ValueError, match="every"):
-        HealthMonitor(every=0)
+        HealthMonitor(every=-1)
+    assert HealthMonitor(every=0).observe(0, _features(0.5, 0)) is None  # off
 
 
 def _pretrain(lr: float, momentum: float, steps: int = 40) -> HealthMonitor:

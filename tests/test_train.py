@@ -8,14 +8,7 @@ from helpers import TINY
 from vjepa_fast import cli
 from vjepa_fast.checkpoint import load_checkpoint
 from vjepa_fast.config import load_config
-from vjepa_fast.synthetic import ensure_synthetic_dataset
 from vjepa_fast.train import train
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    return ensure_synthetic_dataset(str(root), num_videos=16, frames=24, size=40, progress=False)
 
 
 def _cfg(dataset, *extra):

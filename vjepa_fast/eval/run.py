@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,6 @@ from ..models.vit import init_weights
 from .features import FeatureSet, cached_features
 from .protocols import ProbeResult, ProbeSettings, fit_probe
 from .views import ViewSpec, read_image_folder
-
-log = logging.getLogger(__name__)
 
 OFFICIAL_SAMPLING_RATE = 4  # an official checkpoint does not record its frame step; the paper's is 4
 

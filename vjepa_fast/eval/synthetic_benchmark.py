@@ -4,7 +4,7 @@ Both encoders are probed with both protocols on the motion label (8 directions; 
 SSv2) and the appearance label (8 shape x colour classes, like K400), beside the spreads of their features.
 Two checks read the table (README "Checking that pretraining learns"):
 - health (the CPU check, configs/demo.yaml): the loss fell clearly, the features did not collapse (token spread at
-  least `collapse_fraction` of the random init's), and the attentive probe's motion score is within 3 points of
+  least health.COLLAPSE_FRACTION of the random init's), and the attentive probe's motion score is within 3 points of
   the random init's (which is already high on this data).
 - learning (the GPU check, configs/synthetic_gpu.yaml): the linear probe's motion score is >= 10 points above
   the random init's.
@@ -12,7 +12,6 @@ Two checks read the table (README "Checking that pretraining learns"):
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,8 +26,6 @@ from ..synthetic import ensure_synthetic_dataset
 from .protocols import ProbeSettings, fit_probe
 from .run import FrozenEncoder, dataset_file_split, features_of, format_table, random_init_like
 from .views import ViewSpec
-
-log = logging.getLogger(__name__)
 
 LABELS = ("motion", "appearance")
 PROBES = ("attentive", "linear")
