@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from bench.masks import LoopMaskGenerator
-from bench.step import _build, _masks, _synthetic_clips
+from bench.step import SyntheticSteps
 from vjepa_fast.config import load_config
 from vjepa_fast.masks import MaskGenerator
-from vjepa_fast.train import autocast_for, train_step
 
 
 @pytest.mark.parametrize("kind", ["vectorised", "loop"])
@@ -43,12 +42,8 @@ def test_pyav_loader(benchmark, tmp_path):
 @pytest.mark.parametrize("path", ["reference", "fast"])
 def test_tiny_step(benchmark, path):
     cfg = load_config("demo", ["data.batch_size=8", "model.depth=2", "model.pred_depth=2"])
-    device = torch.device("cpu")
-    model, optimizer, ema = _build(cfg, "sdpa", path, device)
-    clips = _synthetic_clips(cfg, device, torch.Generator().manual_seed(0))
-    enc, pred = _masks(cfg, 0, device)
-    benchmark(train_step, model, optimizer, ema, clips, enc, pred, path=path, autocast=autocast_for(cfg, device),
-              max_norm=10.0, momentum=0.999)
+    runner = SyntheticSteps(cfg, path, "sdpa", torch.device("cpu"))
+    benchmark(runner.run, 0)
 
 
 if __name__ == "__main__":

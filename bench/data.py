@@ -14,7 +14,6 @@ step consumes (--step-clips-per-s, from the step benchmark). Writes data.json an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.report import write_results
 from dali_pipelines import ClipSpec, StepLoader, read_dataset_files
 from dali_pipelines.choose import dali_installed
 from dali_pipelines.clip_plan import ClipPlan
@@ -162,12 +162,9 @@ def main(argv=None) -> dict:
     p.add_argument("--step-clips-per-s", type=float, help="clips/s the training step consumes (bench step)")
     args = p.parse_args(argv)
     report = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
-    (out / "data.md").write_text(table)
-    print(table + f"written {out / 'data.json'} and {out / 'data.md'}")
+    written = write_results(args.out, "data", report, table)
+    print(table + f"written {written['json']} and {written['md']}")
     return report
 
 

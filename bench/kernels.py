@@ -10,11 +10,9 @@ kernels in the Triton interpreter, no torch.compile, wall-clock timing: a smoke 
 Writes kernels.json and kernels.md under --out.
 """
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,6 +22,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 import kernels  # noqa: E402
+from bench.report import write_results  # noqa: E402
 
 FULL = {"batch": 24, "tokens": 1568, "context_k": (368, 112), "target_k": (760, 1120),
         "sizes": {"vit_l": {"dim": 1024, "depth": 24}, "vit_h": {"dim": 1280, "depth": 32}}, "patch": 16}
@@ -69,14 +68,19 @@ def _grads(out, inputs, grad_out=None):
     return torch.autograd.grad(out, inputs, grad_out)
 
 
+def _sorted_masks(batch, tokens, ks, g, device):
+    """One int64 [batch, k] mask of distinct, sorted token indices per k (as the mask generator makes them)."""
+    return [torch.stack([torch.randperm(tokens, generator=g)[:k].sort().values for _ in range(batch)]).to(device)
+            for k in ks]
+
+
 def gather_cases(cfg, dim, device, compiled):
     """[(pass, bytes, {impl: fn})] for the context gather with pos-embed add (bf16), and fn() -> forward diff."""
     batch, tokens, ks = cfg["batch"], cfg["tokens"], cfg["context_k"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, tokens, dim, generator=g).to(device, torch.bfloat16)
     pos = torch.randn(tokens, dim, generator=g).to(device, torch.bfloat16)
-    idx = [torch.stack([torch.randperm(tokens, generator=g)[:k].sort().values for _ in range(batch)]).to(device)
-           for k in ks]
+    idx = _sorted_masks(batch, tokens, ks, g, device)
     rows = batch * sum(ks)
     grad_out = torch.randn(rows, dim, generator=g).to(device, torch.bfloat16)
     xg = x.clone().requires_grad_()
@@ -96,8 +100,7 @@ def loss_cases(cfg, dim, device, compiled):
     batch, tokens, ks = cfg["batch"], cfg["tokens"], cfg["target_k"]
     g = torch.Generator().manual_seed(1)
     target = torch.randn(batch, tokens, dim, generator=g).to(device, torch.bfloat16)
-    idx = [torch.stack([torch.randperm(tokens, generator=g)[:k].sort().values for _ in range(batch)]).to(device)
-           for k in ks]
+    idx = _sorted_masks(batch, tokens, ks, g, device)
     rows = batch * sum(ks)
     pred = torch.randn(rows, dim, generator=g).to(device, torch.bfloat16)
     pg = pred.clone().requires_grad_()
@@ -200,12 +203,9 @@ def main(argv=None):
         raise SystemExit("bench.kernels: the full-size benchmark needs a CUDA GPU; without one only --quick runs "
                          "(tiny sizes in the Triton interpreter, a smoke test)")
     report = run(a.quick, not a.no_compile)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
-    (out / "kernels.md").write_text(table)
-    print(table + f"written {out / 'kernels.json'} and {out / 'kernels.md'}")
+    written = write_results(a.out, "kernels", report, table)
+    print(table + f"written {written['json']} and {written['md']}")
     return report
 
 

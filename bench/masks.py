@@ -7,14 +7,13 @@ Target (DESIGN section 6): >= 20x faster than the loop on CPU at 224 px, 16 fram
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from bench.report import write_results
 from vjepa_fast.config import load_config
 from vjepa_fast.masks import MaskGenerator
 
@@ -83,12 +82,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="bench/out")
     a = p.parse_args(argv)
     result = run(a.batch, a.steps, a.config)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "masks.json").write_text(json.dumps(result, indent=2))
-    print("| generator | ms / batch |\n|---|---|")
-    print(f"| per-sample loop | {result['loop_ms']:.2f} |\n| vectorised | {result['vectorised_ms']:.2f} |")
-    print(f"speed-up: {result['speedup']:.1f}x (batch {a.batch}, {a.config}); written {out / 'masks.json'}")
+    table = (f"| generator | ms / batch |\n|---|---|\n| per-sample loop | {result['loop_ms']:.2f} |\n"
+             f"| vectorised | {result['vectorised_ms']:.2f} |\n\nspeed-up: {result['speedup']:.1f}x (batch {a.batch}, "
+             f"{a.config}, {result['threads']} threads)\n")
+    written = write_results(a.out, "masks", result, table)
+    print(table + f"written {written['json']}")
     if not math.isfinite(result["speedup"]):
         raise SystemExit("timing failed")
 

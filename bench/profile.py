@@ -12,32 +12,19 @@ from pathlib import Path
 
 import torch
 
-from bench.step import StageTimer, _build, _masks, _synthetic_clips
+from bench.step import SyntheticSteps
 from vjepa_fast.config import Config
-from vjepa_fast.train import autocast_for, pick_device, train_step
+from vjepa_fast.train import pick_device
 
 
 def run(cfg: Config, out: Path, *, steps: int = 5, warmup: int = 2, device="auto", memory_snapshot: bool = False,
         backend: str | None = None) -> dict[str, Path]:
     device = pick_device(device)
-    path = cfg.meta.path
-    model, optimizer, ema = _build(cfg, backend or cfg.model.attn_backend, path, device)
-    timer = StageTimer(device)
-    g = torch.Generator(device=device).manual_seed(0)
+    runner = SyntheticSteps(cfg, cfg.meta.path, backend or cfg.model.attn_backend, device)
     out.mkdir(parents=True, exist_ok=True)
     written = {"trace": out / "trace.json"}
-
-    def step(i: int) -> None:
-        with timer.stage("data"):
-            clips = _synthetic_clips(cfg, device, g)
-        with timer.stage("masks"):
-            enc, pred = _masks(cfg, i, device)
-        train_step(model, optimizer, ema, clips, enc, pred, path=path, autocast=autocast_for(cfg, device),
-                   max_norm=cfg.optimization.clip_grad, momentum=0.999, stage=timer.stage)
-        timer.collect()
-
     for i in range(warmup):
-        step(i)
+        runner.run(i)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -45,7 +32,7 @@ def run(cfg: Config, out: Path, *, steps: int = 5, warmup: int = 2, device="auto
             torch.cuda.memory._record_memory_history(max_entries=200_000)
     with torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
         for i in range(warmup, warmup + steps):
-            step(i)
+            runner.run(i)
             prof.step()
     prof.export_chrome_trace(str(written["trace"]))
     if device.type == "cuda" and memory_snapshot:

@@ -12,7 +12,6 @@ never reported without evidence that it computes the same thing. MFU divides the
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.flops import step_flops
+from bench.report import write_results
 from vjepa_fast.config import Config
 from vjepa_fast.masks import MaskGenerator
 from vjepa_fast.model import STAGES, VJEPA
@@ -122,24 +122,37 @@ def _build(cfg: Config, backend: str, path: str, device):
     return model, optimizer, ema
 
 
+class SyntheticSteps:
+    """Training steps of `cfg` on synthetic on-device clips, every stage timed (what bench and profile run)."""
+
+    def __init__(self, cfg: Config, path: str, backend: str, device: torch.device):
+        self.cfg, self.path, self.device = cfg, path, device
+        self.model, self.optimizer, self.ema = _build(cfg, backend, path, device)
+        self.timer = StageTimer(device)
+        self.generator = torch.Generator(device=device).manual_seed(0)
+
+    def run(self, i: int) -> tuple[dict[str, float], float]:
+        """Step i: (ms per stage, model FLOPs of its masks)."""
+        with self.timer.stage("data"):
+            clips = _synthetic_clips(self.cfg, self.device, self.generator)
+        with self.timer.stage("masks"):
+            enc, pred = _masks(self.cfg, i, self.device)
+        train_step(self.model, self.optimizer, self.ema, clips, enc, pred, path=self.path,
+                   autocast=autocast_for(self.cfg, self.device), max_norm=self.cfg.optimization.clip_grad,
+                   momentum=0.999, stage=self.timer.stage)
+        return self.timer.collect(), step_flops(self.cfg, [m.size(1) for m in enc], [m.size(1) for m in pred]).total
+
+
 def time_variant(cfg: Config, path: str, backend: str, device: torch.device, steps: int, warmup: int) -> Variant:
-    model, optimizer, ema = _build(cfg, backend, path, device)
-    timer = StageTimer(device)
-    g = torch.Generator(device=device).manual_seed(0)
+    runner = SyntheticSteps(cfg, path, backend, device)
     per_step, flops = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(warmup + steps):
-        with timer.stage("data"):
-            clips = _synthetic_clips(cfg, device, g)
-        with timer.stage("masks"):
-            enc, pred = _masks(cfg, i, device)
-        train_step(model, optimizer, ema, clips, enc, pred, path=path, autocast=autocast_for(cfg, device),
-                   max_norm=cfg.optimization.clip_grad, momentum=0.999, stage=timer.stage)
-        ms = timer.collect()
+        ms, step_flop = runner.run(i)
         if i >= warmup:
             per_step.append(ms)
-            flops.append(step_flops(cfg, [m.size(1) for m in enc], [m.size(1) for m in pred]).total)
+            flops.append(step_flop)
     v = Variant(path, backend)
     v.stages_ms = {s: statistics.median(m.get(s, 0.0) for m in per_step) for s in ALL_STAGES}
     totals = [sum(m.values()) for m in per_step]
@@ -246,9 +259,6 @@ def plot_stages(result: dict, out_png: Path) -> Path:
 
 
 def write(result: dict, out: Path, name: str) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
-    paths["json"].write_text(json.dumps(result, indent=2))
-    paths["md"].write_text(markdown(result))
-    plot_stages(result, paths["png"])
+    paths = write_results(out, name, result, markdown(result))
+    paths["png"] = plot_stages(result, Path(out) / f"{name}.png")
     return paths

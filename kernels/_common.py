@@ -27,6 +27,19 @@ def check_tensor(fn, name, t, *, ndim=None, dtypes=FLOAT_DTYPES, device=None):
             f"TRITON_INTERPRET=1 is set before triton is imported (use {fn}_reference otherwise)")
 
 
+@triton.jit
+def packed_rows(cu_ptr, idx_ptr, B, N, BLOCK_R: tl.constexpr):
+    """This program's tile of one packed sequence (program axis 0 = mask * B + sample, axis 1 = row tile): the
+    packed row numbers, which of them exist, their token indices, and their flat source rows b * N + token."""
+    seq = tl.program_id(0)
+    start = tl.load(cu_ptr + seq)
+    end = tl.load(cu_ptr + seq + 1)
+    rows = start + tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < end
+    tok = tl.load(idx_ptr + rows, mask=row_mask, other=0)
+    return rows, row_mask, tok, (seq % B) * N + tok
+
+
 def to_device(values, dtype, device):
     """A small host list as a tensor on `device`, copied without making the host wait for the device."""
     t = torch.tensor(values, dtype=dtype)

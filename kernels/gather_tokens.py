@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_tensor, pack_indices, row_tile
+from ._common import acc_dtype, check_tensor, pack_indices, packed_rows, row_tile
 
 
 def gather_tokens_reference(x, idx_list, pos=None):
@@ -32,12 +32,7 @@ def _gather_fwd_kernel(x_ptr, pos_ptr, idx_ptr, cu_ptr, out_ptr, head_ptr, next_
                        HAS_POS: tl.constexpr, LINK: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     seq = tl.program_id(0)  # mask * B + sample
-    start = tl.load(cu_ptr + seq)
-    end = tl.load(cu_ptr + seq + 1)
-    rows = start + tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < end
-    tok = tl.load(idx_ptr + rows, mask=row_mask, other=0)
-    src = (seq % B) * N + tok
+    rows, row_mask, tok, src = packed_rows(cu_ptr, idx_ptr, B, N, BLOCK_R)
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = row_mask[:, None] & (cols < D)[None, :]
     val = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=mask).to(ACC)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_tensor, pack_indices, row_tile
+from ._common import acc_dtype, check_tensor, pack_indices, packed_rows, row_tile
 
 
 def masked_l1_loss_reference(pred, target, idx_list, eps=1e-5, loss_exp=1.0):
@@ -34,12 +34,7 @@ def _masked_l1_kernel(pred_ptr, target_ptr, idx_ptr, cu_ptr, partial_ptr, grad_o
                       inv_mbd, eps, P: tl.constexpr, BACKWARD: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     seq = tl.program_id(0)  # mask * B + sample
-    start = tl.load(cu_ptr + seq)
-    end = tl.load(cu_ptr + seq + 1)
-    rows = start + tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < end
-    tok = tl.load(idx_ptr + rows, mask=row_mask, other=0)
-    src = (seq % B) * N + tok
+    rows, row_mask, _, src = packed_rows(cu_ptr, idx_ptr, B, N, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = row_mask[:, None] & (cols < D)[None, :]
 
@@ -52,7 +47,7 @@ def _masked_l1_kernel(pred_ptr, target_ptr, idx_ptr, cu_ptr, partial_ptr, grad_o
     diff = tl.where(mask, pred - centred * rstd[:, None], 0)
     adiff = tl.abs(diff)
     # Every row of this sequence belongs to one mask, whose mean divides by B * K * D (and the mean over masks by M).
-    weight = inv_mbd / (end - start).to(ACC)
+    weight = inv_mbd / (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(ACC)
 
     if BACKWARD:
         sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)).to(ACC)

@@ -29,3 +29,21 @@ KERNEL_DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not kernels.runs_on_cpu(), reason="CPU needs TRITON_INTERPRET=1")),
     pytest.param("cuda", marks=pytest.mark.gpu),
 ]
+
+# Kernel parity shapes: sequence lengths 1, 7, 1023, 1568; D from 64 to 1408; masks of unequal K.
+KERNEL_SMALL_SHAPES = [  # (B, N, D, K per mask)
+    (1, 1, 64, (1,)),
+    (3, 7, 64, (7, 1)),
+    (2, 7, 100, (3, 4)),
+    (2, 7, 192, (3, 7, 5)),
+    (2, 7, 384, (2, 6)),
+    (1, 7, 1024, (7, 4)),
+    (2, 7, 1280, (1, 7)),
+    (1, 7, 1408, (5, 3)),
+]
+KERNEL_LARGE_SHAPES = [  # one dtype each: the interpreter is slow
+    ((1, 1568, 1408, (1568, 1023)), torch.float32),
+    ((2, 1023, 1024, (1023, 7)), torch.bfloat16),
+    ((1, 1568, 1280, (760, 1120)), torch.bfloat16),
+    ((3, 1568, 384, (368, 1023, 112)), torch.float32),
+]

@@ -4,6 +4,8 @@ import torch
 
 from kernels import gather_tokens, gather_tokens_reference
 from helpers import KERNEL_DEVICES as DEVICES
+from helpers import KERNEL_LARGE_SHAPES as LARGE
+from helpers import KERNEL_SMALL_SHAPES as SMALL
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -40,24 +42,6 @@ def check_against_reference(x, pos, idx, seed):
         for got, want, t in zip(grads, ref_grads, wants):
             assert got.dtype == t.dtype and got.shape == t.shape
             torch.testing.assert_close(got.double(), want, **tol)
-
-
-SMALL = [  # (B, N, D, K per mask)
-    (1, 1, 64, (1,)),
-    (3, 7, 64, (7, 1)),
-    (2, 7, 100, (3, 4)),
-    (2, 7, 192, (3, 7, 5)),
-    (2, 7, 384, (2, 6)),
-    (1, 7, 1024, (7, 4)),
-    (2, 7, 1280, (1, 7)),
-    (1, 7, 1408, (5, 3)),
-]
-LARGE = [  # one dtype each: the interpreter is slow
-    ((1, 1568, 1408, (1568, 1023)), torch.float32),
-    ((2, 1023, 1024, (1023, 7)), torch.bfloat16),
-    ((1, 1568, 1280, (760, 1120)), torch.bfloat16),
-    ((3, 1568, 384, (368, 1023, 112)), torch.float32),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)

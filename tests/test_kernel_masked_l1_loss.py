@@ -5,6 +5,8 @@ import torch.nn.functional as F
 
 from kernels import masked_l1_loss, masked_l1_loss_reference
 from helpers import KERNEL_DEVICES as DEVICES
+from helpers import KERNEL_LARGE_SHAPES as LARGE
+from helpers import KERNEL_SMALL_SHAPES as SMALL
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -43,24 +45,6 @@ def check_against_reference(pred, target, idx, eps=1e-5, loss_exp=1.0, grad_scal
     (ref_grad,) = torch.autograd.grad(ref * grad_scale, pred64)
     assert grad.dtype == pred.dtype and grad.shape == pred.shape
     torch.testing.assert_close(grad.double(), ref_grad, **GRAD_TOL[pred.dtype])
-
-
-SMALL = [  # (B, N, D, K per mask)
-    (1, 1, 64, (1,)),
-    (3, 7, 64, (7, 1)),
-    (2, 7, 100, (3, 4)),
-    (2, 7, 192, (3, 7, 5)),
-    (2, 7, 384, (2, 6)),
-    (1, 7, 1024, (7, 4)),
-    (2, 7, 1280, (1, 7)),
-    (1, 7, 1408, (5, 3)),
-]
-LARGE = [  # one dtype each: the interpreter is slow
-    ((1, 1568, 1408, (1568, 1023)), torch.float32),
-    ((2, 1023, 1024, (1023, 7)), torch.bfloat16),
-    ((1, 1568, 1280, (760, 1120)), torch.bfloat16),
-    ((3, 1568, 384, (368, 1023, 112)), torch.float32),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)

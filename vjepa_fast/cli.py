@@ -135,18 +135,14 @@ def _add_data(sub) -> None:
 def _run_data(args) -> int:
     from . import data_tools
 
-    try:
-        if args.tool == "check":
-            checks = data_tools.check_dataset(args.datasets, args.min_frames, args.workers)
-            print(data_tools.format_checks(checks))
-            if args.csv:
-                data_tools.write_checks_csv(checks, args.csv)
-            return int(any(c.reason is not None for c in checks))
-        result = data_tools.transcode_dataset(args.source, args.out, short_side=args.short_side, gop=args.gop,
-                                              encoder=args.codec, quality=args.crf, workers=args.workers)
-    except ValueError as e:  # a malformed dataset file or a bad argument: the message names it
-        print(f"vjepa-fast: error: {e}", file=sys.stderr)
-        return 2
+    if args.tool == "check":
+        checks = data_tools.check_dataset(args.datasets, args.min_frames, args.workers)
+        print(data_tools.format_checks(checks))
+        if args.csv:
+            data_tools.write_checks_csv(checks, args.csv)
+        return int(any(c.reason is not None for c in checks))
+    result = data_tools.transcode_dataset(args.source, args.out, short_side=args.short_side, gop=args.gop,
+                                          encoder=args.codec, quality=args.crf, workers=args.workers)
     for path, reason, detail in result.failures:
         print(f"skipped {path}: {reason} ({detail})")
     print(f"transcoded {result.transcoded}, reused {result.reused}, skipped {len(result.failures)}; "
@@ -165,8 +161,7 @@ def _run_export(args) -> int:
 
     state = load_checkpoint(args.checkpoint)
     if state.get("format") != "vjepa_fast":
-        print(f"vjepa-fast: error: {args.checkpoint} is not one of our checkpoints", file=sys.stderr)
-        return 2
+        raise ValueError(f"{args.checkpoint} is not one of our checkpoints (official ones need no export)")
     print(f"wrote {export_official(state, args.out)} (official layout: module.backbone.* keys, opt, epoch)")
     return 0
 
@@ -255,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": _run_train, "eval": _run_eval, "data": _run_data, "bench": _run_bench,
                 "profile": _run_profile, "export": _run_export}[args.command](args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:  # each message names the culprit
         print(f"vjepa-fast: error: {e}", file=sys.stderr)
         return 2
 
