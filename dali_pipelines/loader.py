@@ -7,6 +7,8 @@ k is a pure function of (seed, k, rank, world_size, dataset) whatever the number
 resumes exactly. A bad video is replaced by a fresh deterministic draw (attempt + 1) and reported to the main
 process with the batch, where bad_input.SkipTracker counts and logs it.
 """
+import multiprocessing
+
 import torch
 
 from dali_pipelines.bad_input import SkipTracker
@@ -16,6 +18,17 @@ from dali_pipelines.pyav_decode import read_frames
 from dali_pipelines.sample_order import SampleOrder
 from dali_pipelines.spec import ClipSpec
 from dali_pipelines.transform import clip_tensor
+
+
+def worker_context(num_workers: int):
+    """The multiprocessing context for DataLoader workers: a fork server, not a fork of this process. A fork
+    copies the locks that other threads hold at that moment (torch.compile's workers, a profiler, a process
+    group, a DALI pipeline) and its child can deadlock on them."""
+    if num_workers == 0:
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "numpy", "av", "dali_pipelines.loader"])
+    return context
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -105,6 +118,7 @@ class PyAVClipLoader(StepLoader):
             batch_sampler=StepBatches(self.order, batch_size, start_step),
             collate_fn=collate_clips,
             num_workers=num_workers,
+            multiprocessing_context=worker_context(num_workers),
             pin_memory=torch.cuda.is_available(),
         )
         self._batches = iter(data_loader)
