@@ -15,6 +15,7 @@ setup(
         "tqdm",
         "av",
         "matplotlib",
+        "pillow",
     ],
     extras_require={
         "test": ["pytest", "triton", "pytest-benchmark", "scikit-video"],

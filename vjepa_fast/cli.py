@@ -76,38 +76,33 @@ def _run_eval(args) -> int:
     from .train import pick_device
 
     if args.train and not args.val:
-        print("vjepa-fast: error: --train needs --val", file=sys.stderr)
-        return 2
+        raise ValueError("--train needs --val")
     device, progress = pick_device(args.device), not args.no_progress
     given = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "batch_size": args.batch_size}
     settings = replace(SYNTHETIC_PROBE if args.benchmark else ProbeSettings(), seed=args.seed,
                        **{k: v for k, v in given.items() if v is not None})
-    try:
-        frozen = load_frozen(args.checkpoint, args.key, num_frames=args.num_frames, num_heads=args.num_heads)
-        out_dir = args.out_dir or f"runs/eval/{frozen.name}{'-synthetic' if args.benchmark else ''}"
-        if args.benchmark:
-            report = run_synthetic_benchmark(frozen, out_dir=out_dir, cache_dir=args.cache_dir, device=device,
-                                             settings=settings, num_workers=args.workers, progress=progress)
-            print(report.table())
+    frozen = load_frozen(args.checkpoint, args.key, num_frames=args.num_frames, num_heads=args.num_heads)
+    out_dir = args.out_dir or f"runs/eval/{frozen.name}{'-synthetic' if args.benchmark else ''}"
+    if args.benchmark:
+        report = run_synthetic_benchmark(frozen, out_dir=out_dir, cache_dir=args.cache_dir, device=device,
+                                         settings=settings, num_workers=args.workers, progress=progress)
+        print(report.table())
+    else:
+        if args.image_folder:
+            train, val, num_classes = image_folder_splits(args.image_folder)
+            frames, segments = args.image_frames, 1
         else:
-            if args.image_folder:
-                train, val, num_classes = image_folder_splits(args.image_folder)
-                frames, segments = args.image_frames, 1
-            else:
-                train, val = dataset_file_split(args.train), dataset_file_split(args.val)
-                num_classes = max(train.labels + val.labels) + 1
-                frames, segments = frozen.encoder.num_frames, args.num_segments
-            spec = ViewSpec(frames, args.sampling_rate or frozen.sampling_rate, frozen.encoder.img_size, segments,
-                            args.num_views)
-            probes = ["attentive", "linear"] if args.probe == "both" else [args.probe]
-            results = probe_encoder(frozen.encoder, train, val, spec, num_classes=num_classes, probes=probes,
-                                    settings=settings, out_dir=out_dir, cache_dir=args.cache_dir, device=device,
-                                    num_workers=args.workers, progress=progress)
-            print(f"{args.checkpoint} ({args.key}): {len(train.paths)} train / {len(val.paths)} val items, "
-                  f"{num_classes} classes\n{results_table(results)}")
-    except ValueError as e:
-        print(f"vjepa-fast: error: {e}", file=sys.stderr)
-        return 2
+            train, val = dataset_file_split(args.train), dataset_file_split(args.val)
+            num_classes = max(train.labels + val.labels) + 1
+            frames, segments = frozen.encoder.num_frames, args.num_segments
+        spec = ViewSpec(frames, args.sampling_rate or frozen.sampling_rate, frozen.encoder.img_size, segments,
+                        args.num_views)
+        probes = ["attentive", "linear"] if args.probe == "both" else [args.probe]
+        results = probe_encoder(frozen.encoder, train, val, spec, num_classes=num_classes, probes=probes,
+                                settings=settings, out_dir=out_dir, cache_dir=args.cache_dir, device=device,
+                                num_workers=args.workers, progress=progress)
+        print(f"{args.checkpoint} ({args.key}): {len(train.paths)} train / {len(val.paths)} val items, "
+              f"{num_classes} classes\n{results_table(results)}")
     print(f"per-epoch CSVs: {out_dir}")
     return 0
 

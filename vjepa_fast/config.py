@@ -150,8 +150,8 @@ class LoggingConfig:
     write_tag: str = "jepa"
     checkpoint_every: int = 200  # steps
     log_every: int = 10  # steps between metric flushes (one host sync each) and progress-bar refreshes
-    health_every: int = 25  # steps between measurements of the target features' spreads (collapse monitor)
-    collapse_fraction: float = 0.6  # warn when the token spread falls under this fraction of its early value
+    health_every: int = 25  # steps between measurements of the target features' spreads (collapse monitor; 0: off)
+    collapse_fraction: float = 0.7  # warn when the token spread falls under this fraction of its early value
 
 
 @dataclass
@@ -356,7 +356,7 @@ def validate(cfg: Config) -> Config:
            "the variance regulariser is not supported (the paper trains with 0)")
     _check(cfg.logging.checkpoint_every >= 1, "logging.checkpoint_every", cfg.logging.checkpoint_every, "must be >= 1")
     _check(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "must be >= 1")
-    _check(cfg.logging.health_every >= 1, "logging.health_every", cfg.logging.health_every, "must be >= 1")
+    _check(cfg.logging.health_every >= 0, "logging.health_every", cfg.logging.health_every, "must be >= 0 (0: off)")
     _check(0 < cfg.logging.collapse_fraction < 1, "logging.collapse_fraction", cfg.logging.collapse_fraction,
            "must lie in (0, 1)")
     _check(o.max_consecutive_nonfinite >= 1, "optimization.max_consecutive_nonfinite", o.max_consecutive_nonfinite,

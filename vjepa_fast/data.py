@@ -29,7 +29,8 @@ def dataset_paths(cfg: Config) -> list[str]:
     return [str(synthetic.motion_train_csv)]
 
 
-def build_train_loader(cfg: Config, *, start_step: int = 0, rank: int = 0, world_size: int = 1):
-    return make_loader(dataset_paths(cfg), clip_spec(cfg), batch_size=cfg.data.batch_size, seed=cfg.meta.seed,
+def build_train_loader(cfg: Config, paths: list[str], *, start_step: int = 0, rank: int = 0, world_size: int = 1):
+    """The training stream over the dataset files `paths` (see dataset_paths)."""
+    return make_loader(paths, clip_spec(cfg), batch_size=cfg.data.batch_size, seed=cfg.meta.seed,
                        weights=cfg.data.datasets_weights, start_step=start_step, rank=rank,
                        world_size=world_size, num_workers=cfg.data.num_workers, loader=cfg.data.loader)

@@ -302,10 +302,12 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
 
     if env.is_main:
         save_config(cfg, run.config)
-        dataset_paths(cfg)  # generates the embedded dataset once, before the other ranks look for it
+        paths = dataset_paths(cfg)  # generates the embedded dataset once, before the other ranks look for it
     dist_utils.barrier(env)
+    if not env.is_main:
+        paths = dataset_paths(cfg)
     metrics = MetricsLog(run.metrics, METRIC_FIELDS, resume_step=start if resume else None) if env.is_main else None
-    loader = build_train_loader(cfg, start_step=start, rank=env.rank, world_size=env.world_size)
+    loader = build_train_loader(cfg, paths, start_step=start, rank=env.rank, world_size=env.world_size)
     masks = MaskGenerator(cfg.mask, cfg.data.crop_size, cfg.data.num_frames, cfg.data.patch_size,
                           cfg.data.tubelet_size)
     batch = cfg.data.batch_size
