@@ -47,12 +47,12 @@ def plot_loss(metrics_csv: str | Path, out_png: str | Path, title: str = "") -> 
     rows = [r for r in read_metrics(metrics_csv) if r["loss"] and math.isfinite(float(r["loss"]))]
     steps = [int(r["step"]) for r in rows]
     loss = [float(r["loss"]) for r in rows]
-    window = max(1, len(loss) // 25)
-    smooth = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1])
-              for i in range(len(loss))]
+    half = max(1, len(loss) // 50)
+    smooth = [sum(loss[max(0, i - half):i + half + 1]) / len(loss[max(0, i - half):i + half + 1])
+              for i in range(len(loss))]  # centred, so the curve does not lag
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, loss, color="tab:blue", alpha=0.35, lw=1, label="loss")
-    ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"running mean ({window})")
+    ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"mean over {2 * half + 1} steps")
     ax.set_xlabel("step")
     ax.set_ylabel("L1 loss")
     ax.grid(alpha=0.3)
