@@ -34,6 +34,7 @@ ATTN_BACKENDS = ("sdpa", "xformers", "eager")
 DTYPES = ("bfloat16", "float32")  # the compute dtype on CUDA; CPU runs compute in fp32
 LOADERS = ("auto", "dali", "pyav")
 PATHS = ("fast", "reference")
+DATA_PARALLEL = ("ddp", "fsdp")  # how torchrun ranks hold the networks: replicas, or FSDP2 shards
 TRUNCATIONS = ("lowest", "random")
 
 
@@ -97,6 +98,7 @@ class MetaConfig:
     use_sdpa: bool = True
     dtype: str = "bfloat16"
     path: str = "fast"  # the training step: "fast" (packed masks, fused kernels) or "reference" (official)
+    data_parallel: str = "ddp"  # under torchrun: "ddp" (replicated networks) or "fsdp" (FSDP2, sharded per block)
 
 
 @dataclass
@@ -326,6 +328,8 @@ def validate(cfg: Config) -> Config:
     _check(cfg.meta.path in PATHS, "meta.path", cfg.meta.path, f"choose one of {', '.join(PATHS)}")
     _check(cfg.meta.path == "reference" or cfg.loss.loss_exp >= 1, "loss.loss_exp", cfg.loss.loss_exp,
            "the fused loss needs loss_exp >= 1; use meta.path=reference for smaller exponents")
+    _check(cfg.meta.data_parallel in DATA_PARALLEL, "meta.data_parallel", cfg.meta.data_parallel,
+           f"choose one of {', '.join(DATA_PARALLEL)}")
     _check(cfg.meta.dtype in DTYPES, "meta.dtype", cfg.meta.dtype, f"choose one of {', '.join(DTYPES)}")
     _check(m.attn_backend in ATTN_BACKENDS, "model.attn_backend", m.attn_backend,
            f"choose one of {', '.join(ATTN_BACKENDS)}")

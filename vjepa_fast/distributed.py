@@ -1,4 +1,5 @@
-"""torch.distributed for training: process-group set-up from torchrun's environment, DDP wrapping, reductions.
+"""torch.distributed for training: process-group set-up from torchrun's environment, DDP or FSDP2 wrapping,
+full (unsharded) state dicts of FSDP networks and their optimizer, reductions.
 
 Launch with torchrun (env://); a plain `python`/`vjepa-fast` start is one process. NCCL on CUDA, gloo on CPU.
 The global batch is data.batch_size x world size; the schedules count optimiser steps, so ipe (iterations per
@@ -12,7 +13,14 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+
+FULL_ON_RANK0_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered; rank 0 keeps it on CPU
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,56 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> DistributedDataPa
     return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
+def wrap_fsdp(module: nn.Module, block_type: type[nn.Module], block_methods: tuple[str, ...] = ()) -> nn.Module:
+    """FSDP2 over one network, in place: every `block_type` submodule is its own shard unit (gathered just before
+    it runs, freed after), then the root holds the remaining parameters. `block_methods` name block entry points
+    besides forward() (the fast path's forward_packed) that must gather the block's parameters as well."""
+    for block in [m for m in module.modules() if isinstance(m, block_type)]:
+        fully_shard(block)
+        for name in block_methods:
+            register_fsdp_forward_method(block, name)
+    fully_shard(module)
+    return module
+
+
+def local_value(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a replicated DTensor's value (a reduction over FSDP gradients, say); others unchanged."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_model_state(module: nn.Module) -> dict:
+    """The unsharded state dict of an FSDP network (a collective: every rank calls it), on CPU on rank 0 and
+    empty elsewhere; the same keys and tensors as the plain network's state_dict()."""
+    return get_model_state_dict(module, options=FULL_ON_RANK0_CPU)
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names (within `model`) of the optimizer's parameters, in the order optimizer.state_dict() numbers them."""
+    names = {p: n for n, p in model.named_parameters()}
+    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The unsharded optimizer state of FSDP networks (a collective), in optimizer.state_dict()'s layout
+    (parameters numbered in group order) so checkpoints match DDP and single-process ones; on CPU on rank 0 and
+    empty elsewhere. `model` holds every parameter of `optimizer`."""
+    by_name = get_optimizer_state_dict(model, optimizer, options=FULL_ON_RANK0_CPU)
+    if not by_name:
+        return {}
+    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    return {"state": {index[name]: s for name, s in by_name["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an optimizer.state_dict()-layout state (every rank holds all of it) into the optimizer of FSDP
+    networks: each rank keeps its shards."""
+    names = _param_names(model, optimizer)
+    by_name = {"state": {names[i]: s for i, s in state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
 def mean_across_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """The mean over ranks of a tensor of metrics (for logging; a no-op on one process)."""
     if not env.enabled:
@@ -72,8 +130,9 @@ def mean_across_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 @torch.no_grad()
 def assert_replicas_equal(modules: dict[str, torch.nn.Module], env: DistEnv) -> None:
-    """Raise if the parameters of these (replicated) networks differ across ranks: a cheap fingerprint (sum and
-    sum of squares in fp64) per network, gathered from every rank. A no-op on one process."""
+    """Raise if the parameters of these (replicated: DDP) networks differ across ranks: a cheap fingerprint (sum and
+    sum of squares in fp64) per network, gathered from every rank. A no-op on one process; not for FSDP networks,
+    whose shards each live on one rank only."""
     if not env.enabled:
         return
     device = next(iter(modules.values())).parameters().__next__().device

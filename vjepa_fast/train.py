@@ -33,6 +33,7 @@ from .data import build_train_loader, dataset_paths
 from .health import HealthMonitor
 from .masks import MaskGenerator
 from .model import VJEPA
+from .models.vit import Block
 from .optim import Schedule, apply_schedule, build_optimizer
 from .run_log import MetricsLog, plot_loss
 
@@ -187,7 +188,7 @@ def _grad_norm_and_clip(module: torch.nn.Module, max_norm: float | None) -> torc
     norm = torch.nn.utils.get_total_norm(grads)
     if max_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
-    return norm
+    return dist_utils.local_value(norm)  # FSDP: the norm over all shards, replicated
 
 
 def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, ema: EMA, clips: torch.Tensor,
@@ -195,7 +196,8 @@ def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, ema: EMA, clips: 
                max_norm: float | None, momentum: float, stage: Callable[[str], ContextManager] | None = None):
     """One optimisation step: loss, backward, per-module gradient norms (clipped when `max_norm` is set), AdamW,
     EMA; a non-finite loss or gradient skips the update on the device. Returns device tensors (loss, encoder grad
-    norm, predictor grad norm, finite): no host synchronisation. `optimizer` must be a fused AdamW.
+    norm, predictor grad norm, finite): no host synchronisation. `optimizer` must be a fused AdamW (also over
+    FSDP's sharded parameters: the gradient norms, hence the skip, are then global, the same on every rank).
     `stage(name)` wraps each part (STAGES of the loss, then "backward", "optimizer", "ema") for timing."""
     stage = stage or (lambda name: contextlib.nullcontext())
     with autocast:
@@ -240,6 +242,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
                               f"it, --overwrite to start again, or choose another --run-dir")
     if resume and not run.latest.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {run.latest}")
+    joined = not torch.distributed.is_initialized()
     env, dev = dist_utils.init_distributed(pick_device(device))
     file_log = None
     if env.is_main:
@@ -256,13 +259,36 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         if file_log is not None:
             logging.getLogger().removeHandler(file_log)
             file_log.close()
+        if joined:  # leave the process group we joined: gloo/NCCL threads must not outlive it at exit
+            dist_utils.shutdown()
+
+
+def uses_fsdp(cfg: Config, env: dist_utils.DistEnv) -> bool:
+    """Whether the networks are FSDP2-sharded: meta.data_parallel=fsdp under torchrun with several processes."""
+    return env.enabled and cfg.meta.data_parallel == "fsdp"
+
+
+def wrap_for_data_parallel(model: VJEPA, cfg: Config, env: dist_utils.DistEnv, device: torch.device) -> EMA:
+    """Wrap the networks for torchrun's ranks (DDP replicas or FSDP2 shards; nothing on one process) and return
+    the EMA over their final parameters. DDP: the fused EMA flattens the parameters before DDP registers them.
+    FSDP: all three networks are sharded block by block alike, so the EMA is a `_foreach_lerp_` over matching
+    local shards (flat buffers cannot hold FSDP's sharded parameters)."""
+    if uses_fsdp(cfg, env):
+        for name in ckpt.NETWORKS:
+            dist_utils.wrap_fsdp(getattr(model, name), Block, block_methods=("forward_packed",))
+        return EMA(model, fused=False)
+    ema = EMA(model, fused=cfg.meta.path == "fast")
+    if env.enabled:
+        model.encoder = dist_utils.wrap_ddp(model.encoder, device)
+        model.predictor = dist_utils.wrap_ddp(model.predictor, device)
+    return ema
 
 
 def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_steps: int | None,
            progress: bool, env: dist_utils.DistEnv) -> TrainResult:
     seed_everything(cfg.meta.seed)
     model = VJEPA(cfg).to(device)
-    ema = EMA(model, fused=cfg.meta.path == "fast")  # flattens the parameters: before DDP and the optimizer
+    fsdp = uses_fsdp(cfg, env)
     schedule = Schedule.from_config(cfg.optimization)
     total = min(cfg.total_steps, max_steps) if max_steps else cfg.total_steps
     health = HealthMonitor(cfg.logging.health_every, cfg.logging.collapse_fraction)
@@ -282,20 +308,24 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
         state = ckpt.load_checkpoint(source)
         model.load_networks(state if state.get("format") == ckpt.FORMAT else ckpt.import_official(source))
         log.info("initialised the networks from %s", source)
-    if env.enabled:
-        model.encoder = dist_utils.wrap_ddp(model.encoder, device)
-        model.predictor = dist_utils.wrap_ddp(model.predictor, device)
+    ema = wrap_for_data_parallel(model, cfg, env, device)  # after loading: FSDP shards the loaded weights
     optimizer = build_optimizer(cfg.optimization, model.encoder, model.predictor, fused=True)
-    if optimizer_state is not None:
+    if optimizer_state is not None and fsdp:
+        dist_utils.load_full_optimizer_state(model, optimizer, optimizer_state)
+    elif optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
 
     def save(step: int) -> None:
-        dist_utils.assert_replicas_equal({n: model.unwrapped(n) for n in ("encoder", "predictor", "target_encoder")},
-                                         env)
+        if fsdp:  # full state dicts gathered to rank 0: the same checkpoint format as DDP and one process
+            networks = {name: dist_utils.full_model_state(getattr(model, name)) for name in ckpt.NETWORKS}
+            optimizer_saved = dist_utils.full_optimizer_state(model, optimizer)
+        else:
+            dist_utils.assert_replicas_equal({name: model.unwrapped(name) for name in ckpt.NETWORKS}, env)
+            networks = {name: model.unwrapped(name).state_dict() for name in ckpt.NETWORKS}
+            optimizer_saved = optimizer.state_dict()
         if env.is_main:
             ckpt.save_checkpoint({"format": ckpt.FORMAT, "version": 1, "step": step, "config": cfg.to_dict(),
-                                  **{name: model.unwrapped(name).state_dict() for name in ckpt.NETWORKS},
-                                  "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state(),
+                                  **networks, "optimizer": optimizer_saved, "rng": ckpt.rng_state(),
                                   "health": health.state_dict(), "skipped_steps": pending.skipped_total},
                                  run.latest)
         dist_utils.barrier(env)
