@@ -12,6 +12,7 @@ never reported without evidence that it computes the same thing. MFU divides the
 from __future__ import annotations
 
 import contextlib
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from vjepa_fast.masks import MaskGenerator
 from vjepa_fast.model import STAGES, VJEPA
 from vjepa_fast.optim import build_optimizer
 from vjepa_fast.train import EMA, autocast_for, seed_everything, train_step
+
+log = logging.getLogger(__name__)
 
 ALL_STAGES = ("data", "masks", *STAGES, "backward", "optimizer", "ema")
 
@@ -99,6 +102,7 @@ class Variant:
     peak_mem_gb: float | None = None
     loss_rel_err: float | None = None  # vs the reference, on one batch
     grad_rel_err: float | None = None
+    error: str | None = None  # why this variant could not run (e.g. a backend not built for this torch)
 
 
 def _synthetic_clips(cfg: Config, device, generator) -> torch.Tensor:
@@ -196,21 +200,27 @@ def run(cfg: Config, *, paths=("reference", "fast"), backends=("sdpa",), device=
         for path in paths:
             if path == "reference" and any(v.path == "reference" for v in variants):
                 continue  # the reference path is the same for every packed-attention backend
-            v = time_variant(cfg, path, backend, device, steps, warmup)
-            v.mfu = v.tflops / peak
-            if check_parity and path == "fast":
-                v.loss_rel_err, v.grad_rel_err = parity(cfg, backend, device)
+            try:
+                v = time_variant(cfg, path, backend, device, steps, warmup)
+                v.mfu = v.tflops / peak
+                if check_parity and path == "fast":
+                    v.loss_rel_err, v.grad_rel_err = parity(cfg, backend, device)
+            except (RuntimeError, NotImplementedError) as e:  # one broken variant must not cost the others
+                log.error("bench step: %s path with %s attention failed: %s", path, backend, e)
+                v = Variant(path, backend, stages_ms={s: 0.0 for s in ALL_STAGES},
+                            error=f"{type(e).__name__}: {e}"[:300])
             variants.append(v)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    ref = next((v for v in variants if v.path == "reference"), None)
+    ref = next((v for v in variants if v.path == "reference" and v.error is None), None)
     return {
         "config": cfg.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "batch": cfg.data.batch_size,
         "tokens": (cfg.data.num_frames // cfg.data.tubelet_size) * (cfg.data.crop_size // cfg.data.patch_size) ** 2,
         "model": list(cfg.encoder_size), "compile": cfg.model.compile, "steps": steps, "warmup": warmup,
         "peak_tflops": peak, "peak_source": "measured matmul" if measured_peak else "given",
-        "variants": [dict(v.__dict__, speedup=(ref.step_ms / v.step_ms) if ref else None) for v in variants],
+        "variants": [dict(v.__dict__, speedup=(ref.step_ms / v.step_ms) if ref and v.error is None else None)
+                     for v in variants],
     }
 
 
@@ -222,6 +232,9 @@ def markdown(result: dict) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     for v in result["variants"]:
+        if v["error"]:
+            lines.append(f"| {v['path']} | {v['backend']} | failed: {v['error'][:120]} |")
+            continue
         lines.append("| " + " | ".join([v["path"], v["backend"], fmt(v["step_ms"], ".1f"), fmt(v["clips_per_s"], ".1f"),
                                         fmt(v["speedup"], ".2f"), fmt(v["tflops"], ".3g"), fmt(v["mfu"], ".1%"),
                                         fmt(v["peak_mem_gb"], ".1f"), fmt(v["loss_rel_err"], ".1e"),
