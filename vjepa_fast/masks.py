@@ -70,26 +70,22 @@ class MaskGenerator:
             pred[:, max_context:] = True
         return pred.flatten(1)
 
-    @staticmethod
-    def _first_k(selected: torch.Tensor, rank: torch.Tensor, keep: int) -> torch.Tensor:
-        """[B, keep] column indices of the entries with rank < keep (ranks ascend along each row)."""
-        B, N = selected.shape
-        slot = torch.where(selected & (rank < keep), rank, keep)  # everything else lands in a spare column
-        out = torch.empty(B, keep + 1, dtype=torch.int64, device=selected.device)
-        out.scatter_(1, slot, torch.arange(N, device=selected.device).expand(B, N))
-        return out[:, :keep]
-
     def _indices(self, ctx: torch.Tensor, keep_enc: int, keep_pred: int, truncation: str,
                  generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted context and prediction indices per row, cut to `keep_*`: the lowest ones, or a random subset."""
         pred = ~ctx
-        if truncation == "random":
+        if truncation == "random":  # rank each row's entries in a random order (1 = kept first)
             noise = torch.rand(ctx.shape, device=ctx.device, generator=generator)
-            ctx = ctx & (torch.where(ctx, noise, 2.0).argsort(dim=1).argsort(dim=1) < keep_enc)
-            pred = pred & (torch.where(pred, noise, 2.0).argsort(dim=1).argsort(dim=1) < keep_pred)
-        rank_ctx = ctx.cumsum(dim=1) - 1
-        rank_pred = torch.arange(ctx.size(1), device=ctx.device) - rank_ctx - 1
-        return self._first_k(ctx, rank_ctx, keep_enc), self._first_k(pred, rank_pred, keep_pred)
+            rank_ctx = torch.where(ctx, noise, 2.0).argsort(dim=1).argsort(dim=1) + 1
+            rank_pred = torch.where(pred, noise, 2.0).argsort(dim=1).argsort(dim=1) + 1
+        else:  # rank by position: the n-th context (prediction) token of a row has rank n
+            small = torch.int16 if self.num_tokens < 2 ** 15 else torch.int32
+            rank_ctx = ctx.cumsum(dim=1, dtype=small)
+            rank_pred = torch.arange(1, self.num_tokens + 1, device=ctx.device, dtype=small) - rank_ctx
+        # nonzero walks the rows in order, each row ascending, and finds exactly `keep` entries per row
+        enc = (ctx & (rank_ctx <= keep_enc)).nonzero()[:, 1].view(-1, keep_enc)
+        prd = (pred & (rank_pred <= keep_pred)).nonzero()[:, 1].view(-1, keep_pred)
+        return enc, prd
 
     def gen(self, batch_size: int, step: int, device=None,
             generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
