@@ -96,3 +96,16 @@ def test_fast_run_tracks_the_reference_run(tiny_dataset, tmp_path):
         runs[path] = [loss for _, loss in _losses(tmp_path / path)]
     deviation = max(abs(a - b) / abs(a) for a, b in zip(runs["reference"], runs["fast"]))
     assert len(runs["fast"]) == 6 and deviation < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_blocks", [False, True])
+def test_fast_bf16_training_on_cuda(tiny_dataset, tmp_path, compile_blocks):
+    cfg = _cfg(tiny_dataset, f"model.compile={str(compile_blocks).lower()}", "logging.log_every=1")
+    result = train(cfg, tmp_path / "run", max_steps=4, device="cuda", progress=False)
+    losses = [loss for _, loss in _losses(tmp_path / "run")]
+    assert result.end_step == 4 and result.skipped_steps == 0
+    assert all(0 < loss < 10 for loss in losses)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    assert not torch.equal(state["encoder"]["blocks.0.attn.qkv.weight"],
+                           state["target_encoder"]["blocks.0.attn.qkv.weight"])  # EMA lags the encoder
