@@ -113,10 +113,14 @@ def strip_official_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
 
 def import_official(path: str | Path) -> dict:
     """Read an official-format checkpoint into our naming: {encoder, predictor, target_encoder, epoch, opt}."""
-    state = load_checkpoint(path)
+    return official_networks(load_checkpoint(path), path)
+
+
+def official_networks(state: Mapping, source: str | Path) -> dict:
+    """import_official for a checkpoint already in memory (`source` names it in errors)."""
     present = [k for k in NETWORKS if k in state]
     if not present:
-        raise ValueError(f"{path}: no {', '.join(NETWORKS)} entries; not an official V-JEPA checkpoint "
+        raise ValueError(f"{source}: no {', '.join(NETWORKS)} entries; not an official V-JEPA checkpoint "
                          f"(keys: {sorted(state)[:10]})")
     out = {k: strip_official_prefixes(state[k]) for k in present}
     for k in ("epoch", "opt", "scaler", "batch_size", "world_size", "lr"):
@@ -175,9 +179,14 @@ def load_encoder(path: str | Path, key: str = "target_encoder", *, num_frames: i
     Takes our checkpoints (architecture from their config) and official ones (architecture inferred from
     the weights; `num_frames` defaults to 16 and `num_heads` to the named model of that width).
     """
+    return encoder_from_checkpoint(load_checkpoint(path), path, key, num_frames=num_frames, num_heads=num_heads)
+
+
+def encoder_from_checkpoint(state: Mapping, source: str | Path, key: str = "target_encoder", *,
+                            num_frames: int | None = None, num_heads: int | None = None) -> VisionTransformer:
+    """load_encoder for a checkpoint already in memory (`source` names it in errors)."""
     if key not in NETWORKS or key == "predictor":
         raise ValueError(f"key must be 'encoder' or 'target_encoder', got {key!r}")
-    state = load_checkpoint(path)
     if state.get("format") == FORMAT:
         from .model import build_encoder  # the model module imports this one
 
@@ -185,9 +194,9 @@ def load_encoder(path: str | Path, key: str = "target_encoder", *, num_frames: i
         encoder = build_encoder(cfg)
         sd = state[key]
     else:
-        sd = import_official(path).get(key)
+        sd = official_networks(state, source).get(key)
         if sd is None:
-            raise ValueError(f"{path}: no {key!r} entry")
+            raise ValueError(f"{source}: no {key!r} entry")
         encoder = _encoder_from_state(sd, num_frames or 16, num_heads, uniform_power=True)
-    load_state_strict(encoder, sd, f"{key} from {path}")
+    load_state_strict(encoder, sd, f"{key} from {source}")
     return encoder.eval().requires_grad_(False)

@@ -306,7 +306,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
     elif cfg.meta.load_checkpoint and cfg.meta.read_checkpoint:
         source = cfg.meta.read_checkpoint
         state = ckpt.load_checkpoint(source)
-        model.load_networks(state if state.get("format") == ckpt.FORMAT else ckpt.import_official(source))
+        model.load_networks(state if state.get("format") == ckpt.FORMAT else ckpt.official_networks(state, source))
         log.info("initialised the networks from %s", source)
     ema = wrap_for_data_parallel(model, cfg, env, device)  # after loading: FSDP shards the loaded weights
     optimizer = build_optimizer(cfg.optimization, model.encoder, model.predictor, fused=True)

@@ -34,8 +34,8 @@ class FrozenEncoder:
 def load_frozen(path: str, key: str = "target_encoder", *, num_frames: int | None = None,
                 num_heads: int | None = None) -> FrozenEncoder:
     """The frozen `key` encoder of one of our checkpoints or an official one (see checkpoint.load_encoder)."""
-    encoder = ckpt.load_encoder(path, key, num_frames=num_frames, num_heads=num_heads)
     state = ckpt.load_checkpoint(path)
+    encoder = ckpt.encoder_from_checkpoint(state, path, key, num_frames=num_frames, num_heads=num_heads)
     ours = state.get("format") == ckpt.FORMAT
     p = Path(path).resolve()
     name = p.parent.parent.name if p.parent.name == "checkpoints" else p.stem
