@@ -28,7 +28,6 @@ FULL = {"batch": 24, "tokens": 1568, "context_k": (368, 112), "target_k": (760, 
         "sizes": {"vit_l": {"dim": 1024, "depth": 24}, "vit_h": {"dim": 1280, "depth": 32}}, "patch": 16}
 QUICK = {"batch": 2, "tokens": 16, "context_k": (5, 3), "target_k": (9, 12),
          "sizes": {"tiny_64": {"dim": 64, "depth": 1}, "tiny_80": {"dim": 80, "depth": 1}}, "patch": 2}
-IMPLS = ("triton", "eager", "compiled")
 
 
 def vit_param_shapes(dim, depth, patch, tubelet=2, mlp_ratio=4):

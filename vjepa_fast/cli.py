@@ -10,13 +10,10 @@ from .config import ConfigError, load_config
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="pretrain V-JEPA (default: configs/demo.yaml on the embedded synthetic data)")
-    p.add_argument("--config", default="demo", help="a YAML path or a shipped config name (default: demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (parsed as YAML); repeatable, e.g. --set data.batch_size=8")
+    _add_config_args(p)
     p.add_argument("--run-dir", help="where config, metrics, plots and checkpoints go (default: runs/<config>)")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoints/latest.pt")
     p.add_argument("--overwrite", action="store_true", help="start again even if the run dir has a checkpoint")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedules are unchanged)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -175,13 +172,18 @@ def _add_bench(sub) -> None:
     step.add_argument("--out", default="bench/out", help="folder for step_<config>.json/.md/.png")
 
 
-def _add_model_args(p) -> None:
+def _add_config_args(p) -> None:
+    """--config, --set and --device, as train, bench and profile take them."""
     p.add_argument("--config", default="demo", help="a YAML path or a shipped config name (default: demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable)")
+                   help="override a config value (parsed as YAML); repeatable, e.g. --set data.batch_size=8")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+
+
+def _add_model_args(p) -> None:
+    _add_config_args(p)
     p.add_argument("--batch", type=int, help="batch size (default: the config's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's blocks")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
 
 
 def _bench_config(args):

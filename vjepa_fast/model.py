@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 from .checkpoint import NETWORKS, load_state_strict
 from .config import Config
 from .models import Predictor, VisionTransformer, gather_tokens

@@ -344,6 +344,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
     clip_after = schedule.warmup_steps
     log.info("training %s on %s x %d: steps %d -> %d, batch %d per rank, run dir %s", cfg.name, device,
              env.world_size, start, total, batch, run.root)
+    log.info("one pass over the data is %d steps; the schedules count optimization.ipe=%d steps per epoch",
+             max(1, loader.samples_per_epoch // batch), cfg.optimization.ipe)
 
     pending = StepLog(metrics, batch, lambda: dict(loader.stats), env, skipped_total)
     t_start = time.perf_counter()

@@ -44,10 +44,6 @@ class PackedLayout:
         return cls(tuple((count, int(k)) for k in lengths))
 
     @property
-    def rows(self) -> int:
-        return sum(c * n for c, n in self.groups)
-
-    @property
     def max_length(self) -> int:
         return max(n for _, n in self.groups)
 
@@ -62,8 +58,8 @@ def _cu_seqlens(layout: PackedLayout, device: torch.device) -> torch.Tensor:
     return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)).to(device)
 
 
-def _attend_dense(q, k, v, backend: str):
-    """q, k, v [S, H, L, hd] -> [S, H, L, hd]."""
+def attend_dense(q, k, v, backend: str):
+    """q, k, v [S, H, L, hd] -> [S, H, L, hd]: the plain math ("eager") or SDPA (flash / cuDNN on GPU)."""
     if backend == "eager":
         return (q @ k.transpose(-2, -1) * q.size(-1) ** -0.5).softmax(dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v)
@@ -92,7 +88,7 @@ def packed_attention(qkv: torch.Tensor, layout: PackedLayout, num_heads: int, ba
     for count, length in layout.groups:
         rows = count * length
         q, k, v = qkv[start:start + rows].view(count, length, 3, num_heads, hd).permute(2, 0, 3, 1, 4)
-        outs.append(_attend_dense(q, k, v, backend).transpose(1, 2).reshape(rows, C))
+        outs.append(attend_dense(q, k, v, backend).transpose(1, 2).reshape(rows, C))
         start += rows
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 

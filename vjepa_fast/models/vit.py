@@ -6,7 +6,6 @@ Parameter names follow the official V-JEPA code, so official checkpoints load af
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -37,13 +36,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.backend == "eager":
-            attn = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
-            out = attn.softmax(dim=-1) @ v
-        elif self.backend in ("sdpa", "xformers"):  # dense sequences: SDPA picks flash / cuDNN / efficient
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            raise ValueError(f"unknown attention backend {self.backend!r} (choose sdpa, xformers or eager)")
+        if self.backend not in packed.BACKENDS:
+            raise ValueError(f"unknown attention backend {self.backend!r} (choose {', '.join(packed.BACKENDS)})")
+        out = packed.attend_dense(q, k, v, self.backend)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
