@@ -18,7 +18,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest", "triton", "pytest-benchmark", "scikit-video"],
+        "test": ["pytest", "pytest-timeout", "triton", "pytest-benchmark", "scikit-video"],
         "triton": ["triton"],
         "dali": ["nvidia-dali-cuda120>=2.4"],  # fn.decoders.video(frames=...); tested with 2.4.0
         "xformers": ["xformers"],

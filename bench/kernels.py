@@ -1,18 +1,17 @@
-"""Triton kernels against their eager and torch.compile'd references, with achieved bandwidth.
+"""Triton kernels against their eager (and, with --compile, torch.compile'd) references, with achieved bandwidth.
 
-    python -m bench.kernels [--out bench/out] [--quick] [--no-compile]
+    python -m bench.kernels [--out bench/out] [--quick] [--compile]
 
 For each op at ViT-L (D=1024) and ViT-H (D=1280) sizes (B=24, N=1568; context masks K=368, 112; target masks
 K=760, 1120; EMA over the encoder's parameter count), the median time (triton.testing.do_bench), the bytes the op
 must move divided by that time, and that as a share of a measured device-to-device copy. Targets (DESIGN section
-6): faster than eager and compiled, >= 70% of copy bandwidth. Without CUDA only --quick runs: tiny sizes, the
-kernels in the Triton interpreter, no torch.compile, wall-clock timing: a smoke test of this script, not numbers.
-Writes kernels.json and kernels.md under --out.
+6): faster than eager and compiled, >= 70% of copy bandwidth. The compiled references are opt-in: their cold
+compilations take most of a run's time. Each row is printed, and kernels.json / kernels.md under --out rewritten,
+as soon as it is measured. Without CUDA only --quick runs: tiny sizes, the kernels in the Triton interpreter, no
+torch.compile, wall-clock timing: a smoke test of this script, not numbers.
 """
 import argparse
 import os
-import statistics
-import time
 
 import torch
 
@@ -22,6 +21,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 import kernels  # noqa: E402
+from bench.ceilings import copy_gbps, make_timer  # noqa: E402
 from bench.report import write_results  # noqa: E402
 
 FULL = {"batch": 24, "tokens": 1568, "context_k": (368, 112), "target_k": (760, 1120),
@@ -36,31 +36,6 @@ def vit_param_shapes(dim, depth, patch, tubelet=2, mlp_ratio=4):
     block = [(dim,), (dim,), (3 * dim, dim), (3 * dim,), (dim, dim), (dim,),
              (dim,), (dim,), (hidden, dim), (hidden,), (dim, hidden), (dim,)]
     return [(dim, 3, tubelet, patch, patch), (dim,)] + block * depth + [(dim,), (dim,)]
-
-
-def make_timer(quick):
-    """Median milliseconds of fn(): do_bench on CUDA, a few wall-clock runs on CPU."""
-    if torch.cuda.is_available():
-        return lambda fn: triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 200,
-                                                  return_mode="median")
-
-    def wall(fn):
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
-
-    return wall
-
-
-def copy_gbps(timer, device, nbytes):
-    """Measured device-to-device copy bandwidth (read + write) of an nbytes buffer."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    return 2 * nbytes / (timer(lambda: dst.copy_(src)) * 1e-3) / 1e9
 
 
 def _grads(out, inputs, grad_out=None):
@@ -137,7 +112,8 @@ def ema_cases(cfg, size, device, compiled):
     })], parity
 
 
-def run(quick=False, use_compile=True):
+def run(quick=False, use_compile=False, on_row=None):
+    """Measure every (size, op, pass); `on_row(report)` is called after each row with the report so far."""
     cfg = QUICK if quick else FULL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timer = make_timer(quick)
@@ -147,6 +123,12 @@ def run(quick=False, use_compile=True):
     compiled = {op: torch.compile(fn, dynamic=False) if use_compile else None for op, fn in references.items()}
     copy = copy_gbps(timer, device, (4 << 20) if quick else (1 << 30))
     results = []
+    report = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
+        "torch": torch.__version__, "triton": triton.__version__, "quick": quick,
+        "batch": cfg["batch"], "tokens": cfg["tokens"], "context_k": cfg["context_k"], "target_k": cfg["target_k"],
+        "copy_gbps": copy, "results": results,
+    }
     for size_name, size in cfg["sizes"].items():
         for op, (cases, diff) in {
             "gather_tokens": gather_cases(cfg, size["dim"], device, compiled["gather_tokens"]),
@@ -164,30 +146,33 @@ def run(quick=False, use_compile=True):
                     "speedup_vs_compiled": ms["compiled"] / ms["triton"] if ms["compiled"] else None,
                     "max_abs_diff_vs_eager": max_diff,
                 })
-    return {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
-        "torch": torch.__version__, "triton": triton.__version__, "quick": quick,
-        "batch": cfg["batch"], "tokens": cfg["tokens"], "context_k": cfg["context_k"], "target_k": cfg["target_k"],
-        "copy_gbps": copy, "results": results,
-    }
+                if on_row is not None:
+                    on_row(report)
+    return report
+
+
+def header(report):
+    return (f"Kernels on {report['device']} (torch {report['torch']}, triton {report['triton']}); "
+            f"B={report['batch']}, N={report['tokens']}, context K={report['context_k']}, "
+            f"target K={report['target_k']}; copy bandwidth {report['copy_gbps']:.0f} GB/s")
+
+
+COLUMNS = ("| op | size | pass | triton ms | eager ms | compiled ms | triton GB/s | % of copy | x eager | x compiled "
+           "| max abs diff |")
+
+
+def row(r):
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    cells = [r["op"], r["size"], r["pass"], fmt(r["ms"]["triton"], ".4f"), fmt(r["ms"]["eager"], ".4f"),
+             fmt(r["ms"]["compiled"], ".4f"), fmt(r["gbps"]["triton"], ".0f"), fmt(r["pct_of_copy"], ".0f"),
+             fmt(r["speedup_vs_eager"], ".2f"), fmt(r["speedup_vs_compiled"], ".2f"),
+             fmt(r["max_abs_diff_vs_eager"], ".2e")]
+    return "| " + " | ".join(cells) + " |"
 
 
 def markdown(report):
-    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"Kernels on {report['device']} (torch {report['torch']}, triton {report['triton']}); "
-             f"B={report['batch']}, N={report['tokens']}, context K={report['context_k']}, "
-             f"target K={report['target_k']}; "
-             f"copy bandwidth {report['copy_gbps']:.0f} GB/s",
-             "",
-             "| op | size | pass | triton ms | eager ms | compiled ms | triton GB/s | % of copy | x eager | x compiled "
-             "| max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        cells = [r["op"], r["size"], r["pass"], fmt(r["ms"]["triton"], ".4f"), fmt(r["ms"]["eager"], ".4f"),
-                 fmt(r["ms"]["compiled"], ".4f"), fmt(r["gbps"]["triton"], ".0f"), fmt(r["pct_of_copy"], ".0f"),
-                 fmt(r["speedup_vs_eager"], ".2f"), fmt(r["speedup_vs_compiled"], ".2f"),
-                 fmt(r["max_abs_diff_vs_eager"], ".2e")]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = [header(report), "", COLUMNS, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [row(r) for r in report["results"]]
     return "\n".join(lines) + "\n"
 
 
@@ -195,16 +180,24 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/out")
     p.add_argument("--quick", action="store_true", help="tiny sizes (the only mode without CUDA)")
-    p.add_argument("--no-compile", action="store_true",
-                   help="skip the torch.compile'd references (always skipped without CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the torch.compile'd references (cold compilations; never without CUDA)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available() and not a.quick:
         raise SystemExit("bench.kernels: the full-size benchmark needs a CUDA GPU; without one only --quick runs "
                          "(tiny sizes in the Triton interpreter, a smoke test)")
-    report = run(a.quick, not a.no_compile)
-    table = markdown(report)
-    written = write_results(a.out, "kernels", report, table)
-    print(table + f"written {written['json']} and {written['md']}")
+    printed = []
+
+    def on_row(report):
+        if not printed:
+            print(header(report), COLUMNS, sep="\n", flush=True)
+        for r in report["results"][len(printed):]:
+            print(row(r), flush=True)
+            printed.append(r)
+        write_results(a.out, "kernels", report, markdown(report))
+
+    report = run(a.quick, a.compile, on_row)
+    print(f"written {a.out}/kernels.json and kernels.md")
     return report
 
 

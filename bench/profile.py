@@ -14,7 +14,7 @@ import torch
 
 from bench.step import SyntheticSteps
 from vjepa_fast.config import Config
-from vjepa_fast.train import pick_device
+from vjepa_fast.step import pick_device
 
 
 def run(cfg: Config, out: Path, *, steps: int = 5, warmup: int = 2, device="auto", memory_snapshot: bool = False,
@@ -25,6 +25,7 @@ def run(cfg: Config, out: Path, *, steps: int = 5, warmup: int = 2, device="auto
     written = {"trace": out / "trace.json"}
     for i in range(warmup):
         runner.run(i)
+    runner.timer.collect()  # the warm-up done before tracing starts
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -34,6 +35,7 @@ def run(cfg: Config, out: Path, *, steps: int = 5, warmup: int = 2, device="auto
         for i in range(warmup, warmup + steps):
             runner.run(i)
             prof.step()
+        runner.timer.collect()
     prof.export_chrome_trace(str(written["trace"]))
     if device.type == "cuda" and memory_snapshot:
         written["memory"] = out / "memory_snapshot.pickle"

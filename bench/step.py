@@ -1,44 +1,59 @@
 """Per-stage iteration time, throughput, peak memory and MFU of the training step, reference and fast side by side.
 
     vjepa-fast bench step --config vitl16 --batch 24 [--paths reference,fast] [--backends sdpa,xformers]
+                          [--compile off|on|both]
 
-Every (path, attention backend) runs the same step on the same synthetic on-device clips and the same masks,
-after warm-up, timing each stage (data, masks, target, context, predictor, loss, backward, optimizer, ema) with
-CUDA events on GPU and a monotonic clock on CPU; the median over steps is reported. Beside the speed, the parity
-of each fast variant with the reference on one batch (loss and worst relative gradient error), so a speed-up is
-never reported without evidence that it computes the same thing. MFU divides the analytic model FLOPs
-(bench/flops.py) by the step time and by a peak that is measured (a large matmul in the compute dtype) or given.
+Each variant (path, attention backend, compiled or not) builds its networks on the device and runs the training
+step that train.py runs (vjepa_fast.step.train_step) on synthetic clips held in pinned host memory, as the loader
+hands them over. What `ms/iter` is: the median over the timed steps of the device time from the start of a
+step's host-to-device copy (clips and masks, non-blocking) to the end of its EMA update, with the timed steps run
+back to back without a synchronisation between them, as in training. The masks of the next step are drawn on the
+CPU meanwhile: their host time is reported beside ms/iter, not in it (the device does not wait for them unless
+the host falls behind, which the `gaps` column, window time per step minus ms/iter, would show). Stages are timed
+with CUDA events (perf_counter on CPU); `other` is ms/iter minus the stages (launch gaps inside the step).
+
+Beside the speed, the parity of each fast variant with the reference on one batch (loss and worst relative
+gradient error), so no speed-up is reported without evidence that it computes the same thing. MFU divides the
+analytic model FLOPs (bench/flops.py) by the step time and by a peak that is measured (a large matmul in the
+compute dtype) or given. Each variant's row is printed and written (JSON, stacked-bar PNG) as soon as it is
+measured; a variant that fails is recorded with its error and the others go on.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 import logging
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from bench.ceilings import matmul_tflops
 from bench.flops import step_flops
 from bench.report import write_results
 from vjepa_fast.config import Config
-from vjepa_fast.masks import MaskGenerator
-from vjepa_fast.model import STAGES, VJEPA
+from vjepa_fast.model import STAGES
 from vjepa_fast.optim import build_optimizer
-from vjepa_fast.train import EMA, autocast_for, seed_everything, train_step
+from vjepa_fast.step import (EMA, autocast_for, build_model, draw_masks, masks_generator, pick_device, to_device,
+                             train_step)
 
 log = logging.getLogger(__name__)
 
-ALL_STAGES = ("data", "masks", *STAGES, "backward", "optimizer", "ema")
+ALL_STAGES = ("h2d", *STAGES, "backward", "optimizer", "ema", "other")  # "other": ms/iter minus the rest
+COMPILE_CHOICES = ("off", "on", "both")
 
 
 class StageTimer:
-    """Times named stages of one step: CUDA events on GPU (read after one synchronisation), perf_counter on CPU."""
+    """Named stages of steps: CUDA events on GPU (read after the last step, so the steps are not synchronised),
+    perf_counter on CPU. Also NVTX and profiler ranges, for traces."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.marks: list[tuple[str, object, object]] = []
+        self.steps: list[list[tuple[str, object, object]]] = []
 
     def _now(self):
         if self.cuda:
@@ -46,6 +61,9 @@ class StageTimer:
             event.record()
             return event
         return time.perf_counter()
+
+    def begin_step(self) -> None:
+        self.steps.append([])
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -56,123 +74,129 @@ class StageTimer:
             try:
                 yield
             finally:
-                self.marks.append((name, start, self._now()))
+                self.steps[-1].append((name, start, self._now()))
                 if self.cuda:
                     torch.cuda.nvtx.range_pop()
 
-    def collect(self) -> dict[str, float]:
-        """Milliseconds per stage of the step just run (synchronises once)."""
+    def collect(self) -> tuple[list[dict[str, float]], float]:
+        """(milliseconds per stage of every step since the last collect, milliseconds from the start of the first
+        of them to the end of the last), after one synchronisation. Stages may nest; a step's outermost stage ends
+        last, so it is the step's last mark."""
         if self.cuda:
             torch.cuda.synchronize()
-        out: dict[str, float] = {}
-        for name, start, end in self.marks:
-            ms = start.elapsed_time(end) if self.cuda else (end - start) * 1e3
-            out[name] = out.get(name, 0.0) + ms
-        self.marks = []
-        return out
-
-
-def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Achieved TFLOP/s of a large square matmul: the bf16 peak on GPU (fp32 on CPU)."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    reps = 20 if device.type == "cuda" else 3
-    for _ in range(2):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+        elapsed = (lambda a, b: a.elapsed_time(b)) if self.cuda else (lambda a, b: (b - a) * 1e3)
+        out = []
+        for marks in self.steps:
+            ms: dict[str, float] = {}
+            for name, start, end in marks:
+                ms[name] = ms.get(name, 0.0) + elapsed(start, end)
+            out.append(ms)
+        window = elapsed(self.steps[0][-1][1], self.steps[-1][-1][2]) if self.steps else 0.0
+        self.steps = []
+        return out, window
 
 
 @dataclass
 class Variant:
     path: str
     backend: str
-    stages_ms: dict[str, float] = field(default_factory=dict)  # median per stage
-    step_ms: float = 0.0  # median of the whole step
+    compiled: bool = False
+    stages_ms: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in ALL_STAGES})  # medians
+    step_ms: float = 0.0  # median device time of one step (the module docstring says what it holds)
+    gaps_ms: float = 0.0  # window time per step minus step_ms: the device waiting for the host between steps
+    masks_host_ms: float = 0.0  # median host time to draw one step's masks (overlapped in training)
     clips_per_s: float = 0.0
     tflops: float = 0.0
     mfu: float | None = None
     peak_mem_gb: float | None = None
+    build_s: float = 0.0  # building the networks and the optimizer on the device
+    first_step_s: float = 0.0  # the first step, compilation included
     loss_rel_err: float | None = None  # vs the reference, on one batch
     grad_rel_err: float | None = None
     error: str | None = None  # why this variant could not run (e.g. a backend not built for this torch)
 
-
-def _synthetic_clips(cfg: Config, device, generator) -> torch.Tensor:
-    d = cfg.data
-    return torch.randn(d.batch_size, 3, d.num_frames, d.crop_size, d.crop_size, device=device, generator=generator)
-
-
-def _masks(cfg: Config, step: int, device):
-    d = cfg.data
-    gen = MaskGenerator(cfg.mask, d.crop_size, d.num_frames, d.patch_size, d.tubelet_size)
-    enc, pred = gen.gen(d.batch_size, step, generator=torch.Generator().manual_seed(step))
-    return [m.to(device, non_blocking=True) for m in enc], [m.to(device, non_blocking=True) for m in pred]
+    @property
+    def label(self) -> str:
+        return f"{self.path}{' compiled' if self.compiled else ''}"
 
 
-def _build(cfg: Config, backend: str, path: str, device):
-    seed_everything(cfg.meta.seed)
-    model = VJEPA(cfg).to(device)
-    model.set_attn_backend(backend)
-    ema = EMA(model, fused=path == "fast")
-    optimizer = build_optimizer(cfg.optimization, model.encoder, model.predictor, fused=True)
-    return model, optimizer, ema
+def variant_config(cfg: Config, compiled: bool) -> Config:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile=compiled))
 
 
 class SyntheticSteps:
-    """Training steps of `cfg` on synthetic on-device clips, every stage timed (what bench and profile run)."""
+    """Training steps of `cfg` on synthetic clips in pinned host memory, every stage timed (what bench and profile
+    run): the loop of train.py without the loader."""
 
     def __init__(self, cfg: Config, path: str, backend: str, device: torch.device):
         self.cfg, self.path, self.device = cfg, path, device
-        self.model, self.optimizer, self.ema = _build(cfg, backend, path, device)
+        self.model = build_model(cfg, device)
+        self.model.set_attn_backend(backend)
+        self.ema = EMA(self.model, fused=path == "fast")
+        self.optimizer = build_optimizer(cfg.optimization, self.model.encoder, self.model.predictor, fused=True)
+        self.masks = masks_generator(cfg)
+        d = cfg.data
+        clips = torch.randn(d.batch_size, 3, d.num_frames, d.crop_size, d.crop_size,
+                            generator=torch.Generator().manual_seed(0))
+        self.host_clips = clips.pin_memory() if device.type == "cuda" else clips
         self.timer = StageTimer(device)
-        self.generator = torch.Generator(device=device).manual_seed(0)
 
-    def run(self, i: int) -> tuple[dict[str, float], float]:
-        """Step i: (ms per stage, model FLOPs of its masks)."""
-        with self.timer.stage("data"):
-            clips = _synthetic_clips(self.cfg, self.device, self.generator)
-        with self.timer.stage("masks"):
-            enc, pred = _masks(self.cfg, i, self.device)
-        train_step(self.model, self.optimizer, self.ema, clips, enc, pred, path=self.path,
-                   autocast=autocast_for(self.cfg, self.device), max_norm=self.cfg.optimization.clip_grad,
-                   momentum=0.999, stage=self.timer.stage)
-        return self.timer.collect(), step_flops(self.cfg, [m.size(1) for m in enc], [m.size(1) for m in pred]).total
+    def run(self, i: int) -> tuple[float, float]:
+        """Queue step i (timed by self.timer; nothing waits for the device): (host ms drawing its masks, model
+        FLOPs of its masks)."""
+        t0 = time.perf_counter()
+        masks = self.masks.gen(self.cfg.data.batch_size, i, generator=torch.Generator().manual_seed(i))
+        masks_ms = (time.perf_counter() - t0) * 1e3
+        self.timer.begin_step()
+        with self.timer.stage("step"):
+            with self.timer.stage("h2d"):
+                clips = to_device(self.host_clips, self.device)
+                enc, pred = ([to_device(m, self.device) for m in ms] for ms in masks)
+            train_step(self.model, self.optimizer, self.ema, clips, enc, pred, path=self.path,
+                       autocast=autocast_for(self.cfg, self.device), max_norm=self.cfg.optimization.clip_grad,
+                       momentum=0.999, stage=self.timer.stage)
+        return masks_ms, step_flops(self.cfg, [m.size(1) for m in enc], [m.size(1) for m in pred]).total
 
 
-def time_variant(cfg: Config, path: str, backend: str, device: torch.device, steps: int, warmup: int) -> Variant:
-    runner = SyntheticSteps(cfg, path, backend, device)
-    per_step, flops = [], []
+def time_variant(cfg: Config, v: Variant, device: torch.device, steps: int, warmup: int) -> None:
+    """Fill `v`'s timings: build, `warmup` steps (the first one timed on its own: compilation), `steps` timed."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(warmup + steps):
-        ms, step_flop = runner.run(i)
-        if i >= warmup:
-            per_step.append(ms)
-            flops.append(step_flop)
-    v = Variant(path, backend)
-    v.stages_ms = {s: statistics.median(m.get(s, 0.0) for m in per_step) for s in ALL_STAGES}
-    totals = [sum(m.values()) for m in per_step]
-    v.step_ms = statistics.median(totals)
+    t0 = time.perf_counter()
+    runner = SyntheticSteps(variant_config(cfg, v.compiled), v.path, v.backend, device)
+    v.build_s = time.perf_counter() - t0
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        runner.run(i)
+        runner.timer.collect()
+        if i == 0:
+            v.first_step_s = time.perf_counter() - t0
+    host_ms, flops = [], []
+    for i in range(warmup, warmup + steps):
+        masks_ms, step_flop = runner.run(i)
+        host_ms.append(masks_ms)
+        flops.append(step_flop)
+    per_step, window = runner.timer.collect()
+    step_times = [m["step"] for m in per_step]
+    v.step_ms = statistics.median(step_times)
+    v.stages_ms = {s: statistics.median(m.get(s, 0.0) for m in per_step) for s in ALL_STAGES if s != "other"}
+    v.stages_ms["other"] = max(0.0, v.step_ms - sum(v.stages_ms.values()))
+    v.gaps_ms = max(0.0, window / len(per_step) - statistics.mean(step_times))
+    v.masks_host_ms = statistics.median(host_ms)
     v.clips_per_s = cfg.data.batch_size / (v.step_ms / 1e3)
-    v.tflops = sum(flops) / (sum(totals) / 1e3) / 1e12
+    v.tflops = sum(flops) / (sum(step_times) / 1e3) / 1e12
     if device.type == "cuda":
         v.peak_mem_gb = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return v
 
 
 def parity(cfg: Config, backend: str, device: torch.device) -> tuple[float, float]:
-    """(loss relative error, worst per-parameter relative gradient error) of the fast path vs the reference."""
-    model, _, _ = _build(cfg, backend, "reference", device)
-    clips = _synthetic_clips(cfg, device, torch.Generator(device=device).manual_seed(1))
-    enc, pred = _masks(cfg, 1, device)
+    """(loss relative error, worst per-parameter relative gradient error) of the fast path (compiled when `cfg`
+    says so) vs the reference, on one batch and the same weights."""
+    model = build_model(cfg, device)
+    model.set_attn_backend(backend)
+    clips = torch.randn(cfg.data.batch_size, 3, cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size,
+                        generator=torch.Generator().manual_seed(1)).to(device)
+    enc, pred = draw_masks(masks_generator(cfg), cfg, 1, device)
     results = {}
     for path in ("reference", "fast"):
         model.zero_grad(set_to_none=True)
@@ -187,76 +211,104 @@ def parity(cfg: Config, backend: str, device: torch.device) -> tuple[float, floa
     return loss_err, grad_err
 
 
-def run(cfg: Config, *, paths=("reference", "fast"), backends=("sdpa",), device="auto", steps: int = 10,
-        warmup: int = 3, peak_tflops: float | None = None, check_parity: bool = True) -> dict:
-    from vjepa_fast.train import pick_device
+def plan_variants(paths, backends, compile_mode: str) -> list[Variant]:
+    """Eager variants first (the reference once: its attention is dense whatever the backend), then the compiled
+    fast ones, so a slow compilation costs only itself."""
+    if compile_mode not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile_mode!r}")
+    eager = compile_mode in ("off", "both")
+    variants = [Variant("reference", backends[0])] if "reference" in paths and eager else []
+    if "fast" in paths:
+        if eager:
+            variants += [Variant("fast", b) for b in backends]
+        if compile_mode in ("on", "both"):
+            variants += [Variant("fast", b, compiled=True) for b in backends]
+    return variants
 
+
+def run(cfg: Config, *, paths=("reference", "fast"), backends=("sdpa",), compile_mode: str = "off",
+        device="auto", steps: int = 10, warmup: int = 3, peak_tflops: float | None = None,
+        check_parity: bool = True, on_variant=None) -> dict:
+    """Time every planned variant; `on_variant(result)` is called after each with the result so far."""
     device = pick_device(device)
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.meta.dtype == "bfloat16" else torch.float32
     measured_peak = peak_tflops is None
-    peak = measure_peak_tflops(device, dtype) if measured_peak else peak_tflops
-    variants = []
-    for backend in backends:
-        for path in paths:
-            if path == "reference" and any(v.path == "reference" for v in variants):
-                continue  # the reference path is the same for every packed-attention backend
-            try:
-                v = time_variant(cfg, path, backend, device, steps, warmup)
-                v.mfu = v.tflops / peak
-                if check_parity and path == "fast":
-                    v.loss_rel_err, v.grad_rel_err = parity(cfg, backend, device)
-            except (RuntimeError, NotImplementedError) as e:  # one broken variant must not cost the others
-                log.error("bench step: %s path with %s attention failed: %s", path, backend, e)
-                v = Variant(path, backend, stages_ms={s: 0.0 for s in ALL_STAGES},
-                            error=f"{type(e).__name__}: {e}"[:300])
-            variants.append(v)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    ref = next((v for v in variants if v.path == "reference" and v.error is None), None)
-    return {
+    peak = matmul_tflops(device, dtype) if measured_peak else peak_tflops
+    result = {
         "config": cfg.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "batch": cfg.data.batch_size,
         "tokens": (cfg.data.num_frames // cfg.data.tubelet_size) * (cfg.data.crop_size // cfg.data.patch_size) ** 2,
-        "model": list(cfg.encoder_size), "compile": cfg.model.compile, "steps": steps, "warmup": warmup,
+        "model": list(cfg.encoder_size), "steps": steps, "warmup": warmup,
         "peak_tflops": peak, "peak_source": "measured matmul" if measured_peak else "given",
-        "variants": [dict(v.__dict__, speedup=(ref.step_ms / v.step_ms) if ref and v.error is None else None)
-                     for v in variants],
+        "ms_per_iter": "median device time of one step: host-to-device copy of pinned clips and masks, target, "
+                       "context, predictor, loss, backward, optimizer, EMA; steps back to back, no sync between "
+                       "them; mask drawing (host) not included", "variants": [],
     }
+    for v in plan_variants(list(paths), list(backends), compile_mode):
+        try:
+            time_variant(cfg, v, device, steps, warmup)
+            v.mfu = v.tflops / peak
+            if check_parity and v.path == "fast":
+                v.loss_rel_err, v.grad_rel_err = parity(variant_config(cfg, v.compiled), v.backend, device)
+        except Exception as e:  # one broken variant (OOM, a backend not built, a compile error) must not cost the rest
+            log.error("bench step: %s with %s attention failed: %s: %s", v.label, v.backend, type(e).__name__, e)
+            v.error = f"{type(e).__name__}: {e}"[:300]
+        result["variants"].append(dataclasses.asdict(v) | {"label": v.label})
+        _add_speedups(result)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if on_variant is not None:
+            on_variant(result)
+    return result
+
+
+def _add_speedups(result: dict) -> None:
+    ref = next((v for v in result["variants"] if v["path"] == "reference" and v["error"] is None), None)
+    for v in result["variants"]:
+        v["speedup"] = ref["step_ms"] / v["step_ms"] if ref and v["error"] is None else None
+
+
+COLUMNS = ["variant", "attn", "ms/iter", "clips/s", "speed-up", "TFLOP/s", "MFU", "peak GiB", "loss err",
+           "grad err", "gaps ms", "masks ms (host)", "build s", "1st step s"]
+
+
+def row(v: dict) -> str:
+    """One variant's markdown table row."""
+    if v["error"]:
+        return f"| {v['label']} | {v['backend']} | failed: {v['error'][:160]} |"
+    fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+    cells = [v["label"], v["backend"], fmt(v["step_ms"], ".1f"), fmt(v["clips_per_s"], ".1f"), fmt(v["speedup"], ".2f"),
+             fmt(v["tflops"], ".3g"), fmt(v["mfu"], ".1%"), fmt(v["peak_mem_gb"], ".1f"),
+             fmt(v["loss_rel_err"], ".1e"), fmt(v["grad_rel_err"], ".1e"), fmt(v["gaps_ms"], ".1f"),
+             fmt(v["masks_host_ms"], ".2f"), fmt(v["build_s"], ".1f"), fmt(v["first_step_s"], ".1f")]
+    return "| " + " | ".join(cells) + " |"
 
 
 def markdown(result: dict) -> str:
     head = (f"**{result['config']}** on {result['device']} ({result['dtype']}, batch {result['batch']}, "
-            f"{result['tokens']} tokens, compile={result['compile']}); peak {result['peak_tflops']:.3g} TFLOP/s "
-            f"({result['peak_source']})\n\n")
-    cols = ["path", "attn", "ms/iter", "clips/s", "speed-up", "TFLOP/s", "MFU", "peak GiB", "loss err", "grad err"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
-    for v in result["variants"]:
-        if v["error"]:
-            lines.append(f"| {v['path']} | {v['backend']} | failed: {v['error'][:120]} |")
-            continue
-        lines.append("| " + " | ".join([v["path"], v["backend"], fmt(v["step_ms"], ".1f"), fmt(v["clips_per_s"], ".1f"),
-                                        fmt(v["speedup"], ".2f"), fmt(v["tflops"], ".3g"), fmt(v["mfu"], ".1%"),
-                                        fmt(v["peak_mem_gb"], ".1f"), fmt(v["loss_rel_err"], ".1e"),
-                                        fmt(v["grad_rel_err"], ".1e")]) + " |")
-    stage_cols = ["path", "attn", *ALL_STAGES]
+            f"{result['tokens']} tokens); peak {result['peak_tflops']:.3g} TFLOP/s ({result['peak_source']}); "
+            f"ms/iter = {result['ms_per_iter']}\n\n")
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += [row(v) for v in result["variants"]]
+    stage_cols = ["variant", "attn", *ALL_STAGES]
     lines += ["", "ms per stage (median):", "", "| " + " | ".join(stage_cols) + " |", "|" + "---|" * len(stage_cols)]
     for v in result["variants"]:
-        lines.append("| " + " | ".join([v["path"], v["backend"]] + [f"{v['stages_ms'][s]:.1f}" for s in ALL_STAGES])
+        lines.append("| " + " | ".join([v["label"], v["backend"]] + [f"{v['stages_ms'][s]:.1f}" for s in ALL_STAGES])
                      + " |")
     return head + "\n".join(lines) + "\n"
 
 
 def plot_stages(result: dict, out_png: Path) -> Path:
-    """Stacked bars of the per-stage time of each variant."""
+    """Stacked bars of the per-stage time of each variant that ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = result["variants"]
-    labels = [f"{v['path']}\n{v['backend']}" for v in variants]
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(variants), 4.5))
+    variants = [v for v in result["variants"] if v["error"] is None]
+    labels = [f"{v['label']}\n{v['backend']}" for v in variants]
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * max(1, len(variants)), 4.5))
     bottom = [0.0] * len(variants)
     for stage in ALL_STAGES:
         values = [v["stages_ms"][stage] for v in variants]
@@ -271,7 +323,22 @@ def plot_stages(result: dict, out_png: Path) -> Path:
     return out_png
 
 
-def write(result: dict, out: Path, name: str) -> dict[str, Path]:
-    paths = write_results(out, name, result, markdown(result))
-    paths["png"] = plot_stages(result, Path(out) / f"{name}.png")
-    return paths
+class Reporter:
+    """Prints each variant's row as it is measured and rewrites the JSON and the PNG, so a run cut short keeps
+    every variant measured before the cut."""
+
+    def __init__(self, out: Path, name: str, stream=sys.stdout):
+        self.out, self.name, self.stream, self.printed = Path(out), name, stream, 0
+
+    def __call__(self, result: dict) -> None:
+        if self.printed == 0:
+            print("| " + " | ".join(COLUMNS) + " |", file=self.stream, flush=True)
+        for v in result["variants"][self.printed:]:
+            print(row(v), file=self.stream, flush=True)
+        self.printed = len(result["variants"])
+        self.write(result)
+
+    def write(self, result: dict) -> dict[str, Path]:
+        paths = write_results(self.out, self.name, result, markdown(result))
+        paths["png"] = plot_stages(result, self.out / f"{self.name}.png")
+        return paths

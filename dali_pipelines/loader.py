@@ -27,7 +27,7 @@ def worker_context(num_workers: int):
     if num_workers == 0:
         return None
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "numpy", "av", "dali_pipelines.loader"])
+    context.set_forkserver_preload(["torch", "numpy", "av", "dali_pipelines.loader"])  # a missing one is skipped
     return context
 
 

@@ -4,19 +4,30 @@ A probe demuxes the packets once (no decoding) to count the frames and learn the
 cached per process. Reading then seeks to the keyframe before the first needed frame and decodes forward to the
 last one, falling back to decoding from the start when the seek cannot be trusted.
 """
+from __future__ import annotations
+
 import functools
 import os
 from dataclasses import dataclass
 
-import av
 import numpy as np
-from av.video.reformatter import VideoReformatter
 
 from dali_pipelines.bad_input import VideoError
 
 # A container that declares a duration but whose video packets end before this fraction of it is truncated.
 # (Not 1.0: an audio track may legitimately outlast the video by a little.)
 TRUNCATED_DURATION_FRACTION = 0.9
+
+
+def pyav():
+    """The PyAV module, imported on first use: importing this package (as training and benchmarks on in-memory
+    data do) must not need PyAV, which GPU images often lack."""
+    try:
+        import av
+    except ImportError as e:
+        raise ImportError(f"decoding or encoding video needs PyAV, which is not importable ({e}): pip install av") \
+            from e
+    return av
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,7 @@ def probe_video(path: str) -> VideoInfo:
 @functools.lru_cache(maxsize=8192)
 def _probe(path: str, mtime_ns: int, size: int) -> VideoInfo:
     """probe_video's work, cached per (path, modification time, size) so a rewritten file is probed again."""
+    av = pyav()
     try:
         container = av.open(path)
     except (av.FFmpegError, OSError) as error:
@@ -89,6 +101,7 @@ def _probe(path: str, mtime_ns: int, size: int) -> VideoInfo:
 
 def _check_duration(container, stream, end_pts: int | None) -> None:
     """Raise 'truncated' when the video packets end well before the duration the container header declares."""
+    av = pyav()
     if stream.duration:
         declared = float(stream.duration * stream.time_base)
     elif container.duration:
@@ -104,8 +117,9 @@ def _check_duration(container, stream, end_pts: int | None) -> None:
 
 def read_frames(path: str, indices: np.ndarray, info: VideoInfo) -> np.ndarray:
     """uint8 RGB frames [len(indices), H, W, 3] at the given presentation-order indices (repeats allowed)."""
+    av = pyav()
     wanted = np.unique(indices)
-    to_rgb = VideoReformatter()  # reused: converting with a fresh one per frame costs ~7x more on small frames
+    to_rgb = av.video.reformatter.VideoReformatter()  # reused: converting with a fresh one per frame costs ~7x more on small frames
     try:
         frames = None
         if info.frame_pts is not None:
@@ -122,13 +136,13 @@ def read_frames(path: str, indices: np.ndarray, info: VideoInfo) -> np.ndarray:
 
 
 def _decode_after_seek(path: str, wanted: np.ndarray, frame_pts: np.ndarray,
-                       to_rgb: VideoReformatter) -> dict[int, np.ndarray] | None:
+                       to_rgb) -> dict[int, np.ndarray] | None:
     """Frames by index, decoded from the keyframe before wanted[0]; None when the decoded timestamps show the seek
     landed after the first wanted frame or frames do not match the probe (the caller then decodes from the start)."""
     first, last = int(wanted[0]), int(wanted[-1])
     needed = set(wanted.tolist())
     frames = {}
-    with av.open(path) as container:
+    with pyav().open(path) as container:
         stream = container.streams.video[0]
         if first > 0:
             container.seek(int(frame_pts[first]), stream=stream, backward=True, any_frame=False)
@@ -144,13 +158,13 @@ def _decode_after_seek(path: str, wanted: np.ndarray, frame_pts: np.ndarray,
     return frames if len(frames) == len(needed) else None
 
 
-def _decode_from_start(path: str, wanted: np.ndarray, to_rgb: VideoReformatter) -> dict[int, np.ndarray]:
+def _decode_from_start(path: str, wanted: np.ndarray, to_rgb) -> dict[int, np.ndarray]:
     """Frames by index, counting decoded frames from the first: slow but needs no timestamps."""
     last = int(wanted[-1])
     needed = set(wanted.tolist())
     frames = {}
     decoded_count = 0
-    with av.open(path) as container:
+    with pyav().open(path) as container:
         for index, frame in enumerate(container.decode(container.streams.video[0])):
             decoded_count = index + 1
             if index in needed:

@@ -31,6 +31,7 @@ def poison_empty():
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """16 tiny synthetic videos (24 frames, 40 px) with their dataset files."""
+    pytest.importorskip("av", reason="PyAV writes and decodes the synthetic videos (pip install av)")
     from vjepa_fast.synthetic import ensure_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synthetic")

@@ -2,8 +2,10 @@
 import importlib.util
 import os
 
-import av
 import numpy as np
+import pytest
+
+av = pytest.importorskip("av", reason="PyAV writes the test videos (pip install av)")  # skips the importing module
 
 
 def write_video(path, frames: np.ndarray, codec: str = "libvpx-vp9", fps: int = 16,

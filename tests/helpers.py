@@ -10,6 +10,9 @@ from vjepa_fast.masks import MaskGenerator
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.pred_depth=1",
         "model.pred_embed_dim=16", "data.crop_size=32", "data.patch_size=8", "data.num_frames=4",
         "data.batch_size=3", "data.num_workers=0"]
+# A ViT-S width (head dim 64, as the flash / varlen kernels like it) at TINY's depth-and-size scale.
+SMALL = ["model.model_name=vit_small", "model.embed_dim=null", "model.depth=4", "model.num_heads=null",
+         "model.pred_embed_dim=48", "model.pred_depth=2"]
 
 
 def tiny_config(*overrides):

@@ -1,11 +1,15 @@
 """Smoke tests of the CPU-runnable benchmark commands (no timing asserts)."""
 import importlib.util
 import json
+import time
 
 import pytest
+import torch
 
-from helpers import TINY
+from bench import step
+from helpers import TINY, tiny_config
 from vjepa_fast import cli
+from vjepa_fast.step import build_model
 
 
 def _sets(*extra):
@@ -15,15 +19,74 @@ def _sets(*extra):
 def test_bench_step_writes_results_and_parity(tmp_path, capsys):
     assert cli.main(["bench", "step", "--steps", "2", "--warmup", "1", "--out", str(tmp_path), *_sets()]) == 0
     result = json.loads((tmp_path / "step_demo.json").read_text())
-    paths = [v["path"] for v in result["variants"]]
-    assert paths == ["reference", "fast"]
+    assert [v["label"] for v in result["variants"]] == ["reference", "fast"]
     fast = result["variants"][1]
     assert fast["loss_rel_err"] < 1e-5 and fast["grad_rel_err"] < 1e-4  # fp32 CPU: the same function
-    assert set(fast["stages_ms"]) == {"data", "masks", "target", "context", "predictor", "loss", "backward",
-                                      "optimizer", "ema"}
-    assert all(v["step_ms"] > 0 and v["mfu"] > 0 for v in result["variants"])
+    assert set(fast["stages_ms"]) == {"h2d", "target", "context", "predictor", "loss", "backward", "optimizer",
+                                      "ema", "other"}
+    for v in result["variants"]:
+        assert v["step_ms"] > 0 and v["mfu"] > 0 and v["build_s"] > 0 and v["first_step_s"] > 0
+        assert sum(v["stages_ms"].values()) == pytest.approx(v["step_ms"], rel=0.05)  # "other" closes the sum
+    assert "host-to-device copy" in result["ms_per_iter"]
     assert (tmp_path / "step_demo.png").stat().st_size > 0
     assert "| fast | sdpa |" in capsys.readouterr().out
+
+
+def test_each_variant_is_written_as_soon_as_it_is_measured(tmp_path):
+    seen = []
+
+    def on_variant(result):
+        reporter(result)
+        on_disk = json.loads((tmp_path / "step_demo.json").read_text())
+        seen.append([v["label"] for v in on_disk["variants"]])
+
+    reporter = step.Reporter(tmp_path, "step_demo")
+    step.run(tiny_config(), steps=1, warmup=1, check_parity=False, on_variant=on_variant)
+    assert seen == [["reference"], ["reference", "fast"]]
+
+
+def test_any_exception_of_a_variant_is_recorded_and_the_others_run(tmp_path, monkeypatch):
+    real = step.time_variant
+
+    def failing_reference(cfg, v, *args):
+        if v.path == "reference":
+            raise Exception("triton.compiler.errors.CompilationError: a plain Exception")  # not a RuntimeError
+        return real(cfg, v, *args)
+
+    monkeypatch.setattr(step, "time_variant", failing_reference)
+    result = step.run(tiny_config(), steps=1, warmup=1, check_parity=False)
+    ref, fast = result["variants"]
+    assert ref["error"].startswith("Exception: triton.compiler.errors.CompilationError") and ref["step_ms"] == 0
+    assert fast["error"] is None and fast["step_ms"] > 0 and fast["speedup"] is None  # no reference to compare
+
+
+def test_mask_drawing_is_timed_on_the_host_and_left_out_of_ms_per_iter(monkeypatch):
+    from vjepa_fast.masks import MaskGenerator
+
+    real = MaskGenerator.gen
+
+    def slow_gen(self, *args, **kwargs):
+        time.sleep(0.05)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MaskGenerator, "gen", slow_gen)
+    result = step.run(tiny_config(), paths=("reference",), steps=3, warmup=1, check_parity=False)
+    ref = result["variants"][0]
+    assert ref["masks_host_ms"] >= 50 and ref["step_ms"] < 50 and ref["error"] is None
+
+
+def test_variant_order_puts_compiled_variants_last():
+    labels = [(v.label, v.backend) for v in step.plan_variants(["reference", "fast"], ["sdpa", "xformers"], "both")]
+    assert labels == [("reference", "sdpa"), ("fast", "sdpa"), ("fast", "xformers"), ("fast compiled", "sdpa"),
+                      ("fast compiled", "xformers")]
+    assert [v.label for v in step.plan_variants(["reference", "fast"], ["sdpa"], "on")] == ["fast compiled"]
+    with pytest.raises(ValueError, match="compile must be one of"):
+        step.plan_variants(["fast"], ["sdpa"], "sometimes")
+
+
+def test_models_are_built_on_the_device():
+    model = build_model(tiny_config(), torch.device("meta"))  # a CPU build would leave CPU tensors behind
+    assert {p.device.type for p in model.parameters()} == {"meta"}
 
 
 def test_a_failing_backend_is_reported_without_losing_the_others(tmp_path, capsys):
@@ -33,7 +96,7 @@ def test_a_failing_backend_is_reported_without_losing_the_others(tmp_path, capsy
             "--out", str(tmp_path), *_sets()]
     assert cli.main(args) == 0
     variants = json.loads((tmp_path / "step_demo.json").read_text())["variants"]
-    assert [(v["path"], v["backend"], v["error"] is None) for v in variants] == [
+    assert [(v["label"], v["backend"], v["error"] is None) for v in variants] == [
         ("reference", "sdpa", True), ("fast", "sdpa", True), ("fast", "xformers", False)]
     assert "needs the xformers package" in variants[2]["error"]
     assert "| fast | xformers | failed: RuntimeError" in capsys.readouterr().out

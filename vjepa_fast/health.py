@@ -33,14 +33,19 @@ CAUSES = ("the learning rate is too high for the batch size (optimization.lr)",
 
 
 @torch.no_grad()
-def feature_spread(features: torch.Tensor) -> tuple[float, float]:
-    """(token spread, clip spread) of features [B, N, D] (see the module docstring); B >= 2 and N >= 2."""
+def spreads(features: torch.Tensor) -> torch.Tensor:
+    """[token spread, clip spread] of features [B, N, D] (see the module docstring) as a device tensor, so the
+    training step measures them without waiting for the device; B >= 2 and N >= 2."""
     if features.dim() != 3 or features.size(0) < 2 or features.size(1) < 2:
         raise ValueError(f"features must be [B>=2, N>=2, D], got {list(features.shape)}")
     h = F.layer_norm(features.float(), (features.size(-1),), eps=TARGET_LN_EPS)
-    token_spread = h.std(dim=1).mean()
-    clip_spread = h.mean(dim=1).std(dim=0).mean()
-    return token_spread.item(), clip_spread.item()
+    return torch.stack([h.std(dim=1).mean(), h.mean(dim=1).std(dim=0).mean()])
+
+
+def feature_spread(features: torch.Tensor) -> tuple[float, float]:
+    """(token spread, clip spread) of features [B, N, D] as floats."""
+    token_spread, clip_spread = spreads(features).tolist()
+    return token_spread, clip_spread
 
 
 class HealthMonitor:
@@ -80,7 +85,11 @@ class HealthMonitor:
         [B, N, D]; logs the collapse warning the first time the token spread falls under the threshold."""
         if not self.due(step):
             return None
-        token_spread, clip_spread = feature_spread(target_features)
+        return self.record(step, *feature_spread(target_features))
+
+    def record(self, step: int, token_spread: float, clip_spread: float) -> dict[str, float]:
+        """observe() for spreads measured earlier (the training loop measures on the device with `spreads` and
+        records at its next metric flush): the metrics to log, and the collapse warning when due."""
         if len(self.early) < self.window:
             self.early.append(token_spread)
         self.recent.append(token_spread)

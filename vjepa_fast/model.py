@@ -74,10 +74,13 @@ class VJEPA(nn.Module):
             load_state_strict(self.unwrapped(name), state[name], name)
 
     def loss(self, clips: torch.Tensor, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor],
-             path: str = "reference", stage: Callable[[str], ContextManager] | None = None) -> torch.Tensor:
+             path: str = "reference", stage: Callable[[str], ContextManager] | None = None,
+             return_targets: bool = False):
         """Mean over masks of mean(|prediction - layer_norm(target)|^p)/p at the predicted tokens.
 
-        `stage(name)`, if given, wraps each of STAGES (a timer or profiler range; see bench/step.py)."""
+        `stage(name)`, if given, wraps each of STAGES (a timer or profiler range; see bench/step.py).
+        `return_targets`: also return the target encoder's features [B, N, D] (layer-normalised on the reference
+        path, raw on the fast path), e.g. for the health monitor, which then needs no second target pass."""
         if path not in self.PATHS:
             raise ValueError(f"unknown loss path {path!r}; available: {', '.join(self.PATHS)}")
         if len(masks_enc) != len(masks_pred):
@@ -90,7 +93,8 @@ class VJEPA(nn.Module):
         with stage("predictor"):
             pred = self.predict(z, masks_enc, masks_pred, path)
         with stage("loss"):
-            return self.objective(pred, h, masks_pred, path)
+            loss = self.objective(pred, h, masks_pred, path)
+        return (loss, h) if return_targets else loss
 
     @torch.no_grad()
     def targets(self, clips, path):

@@ -32,9 +32,10 @@ import socket
 import tempfile
 from dataclasses import dataclass
 
-import av
 import numpy as np
 from tqdm import tqdm
+
+from dali_pipelines.pyav_decode import pyav
 
 VERSION = 1  # bump when the generative model changes: the cache folder name changes with it
 FPS = 16
@@ -141,6 +142,7 @@ def render_video(seed: int, index: int, frames: int, size: int) -> np.ndarray:
 
 def write_webm(path: str, video: np.ndarray, fps: int = FPS) -> None:
     """Encode uint8 RGB frames [T, H, W, 3] as VP9 in a .webm file."""
+    av = pyav()
     with av.open(path, "w") as container:
         stream = container.add_stream("libvpx-vp9", rate=fps, options=VP9_OPTIONS)
         stream.width, stream.height = video.shape[2], video.shape[1]

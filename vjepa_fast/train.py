@@ -7,35 +7,30 @@ a checkpoint and stops cleanly; under torchrun every rank trains its shard and r
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import random
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-import kernels
+from dali_pipelines import SKIP_REASONS
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from dali_pipelines import SKIP_REASONS
-
 from .config import Config, save_config
 from .data import build_train_loader, dataset_paths
-from .health import HealthMonitor
-from .masks import MaskGenerator
+from .health import HealthMonitor, spreads
 from .model import VJEPA
 from .models.vit import Block
 from .optim import Schedule, apply_schedule, build_optimizer
 from .run_log import MetricsLog, plot_loss
+from .step import EMA, StepResult, autocast_for, build_model, draw_masks, masks_generator, pick_device, to_device, \
+    train_step
 
 log = logging.getLogger(__name__)
 
@@ -57,79 +52,42 @@ class TrainResult:
     stopped_by: str | None = None  # "SIGTERM" when preempted (a checkpoint was saved)
 
 
-def pick_device(name: str | None = None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def mask_generator_for(cfg: Config, step: int) -> torch.Generator:
-    """The (CPU) generator of the mask positions of `step`: seeded by (seed, step) so resume replays it."""
-    return torch.Generator().manual_seed(cfg.meta.seed * 1_000_003 + step)
-
-
-def autocast_for(cfg: Config, device: torch.device):
-    """bf16 autocast on CUDA when configured; CPU computes in fp32."""
-    if device.type == "cuda" and cfg.meta.dtype == "bfloat16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-class EMA:
-    """target = m * target + (1 - m) * encoder after each step: `torch._foreach_lerp_` over the parameter lists,
-    or (fused) one Triton launch over flat parameter buffers where the kernels run."""
-
-    def __init__(self, model: VJEPA, fused: bool):
-        self.target = list(model.target_encoder.parameters())
-        self.source = list(model.encoder.parameters())
-        device = self.source[0].device
-        self.flat = None
-        if fused and (device.type == "cuda" or kernels.runs_on_cpu()):
-            self.flat = (kernels.flatten_params(model.target_encoder), kernels.flatten_params(model.encoder))
-
-    @torch.no_grad()
-    def __call__(self, momentum: float | torch.Tensor) -> None:
-        """momentum: a float, or a 0-d device tensor (no host synchronisation)."""
-        if self.flat is not None:
-            kernels.ema_(*self.flat, momentum)
-        else:
-            torch._foreach_lerp_(self.target, self.source, 1.0 - momentum)
-
-
 class StepLog:
     """Per-step metrics kept on the device and written to metrics.csv in one host synchronisation per flush
-    (averaged over ranks; rank 0 writes). Counts steps skipped for non-finite numbers, in a row and in total."""
+    (averaged over ranks; rank 0 writes), where the health monitor also records the spreads measured since.
+    Counts steps skipped for non-finite numbers, in a row and in total."""
 
     def __init__(self, metrics: MetricsLog | None, batch: int, skipped_inputs, env: dist_utils.DistEnv,
-                 skipped_total: int = 0):
+                 health: HealthMonitor, skipped_total: int = 0):
         self.metrics, self.batch, self.skipped_inputs, self.env = metrics, batch, skipped_inputs, env
+        self.health = health
         self.rows: list[tuple] = []
         self.since = time.perf_counter()
         self.first_loss = self.last_loss = float("nan")
         self.skipped_total, self.skipped_in_a_row, self.last_skipped = skipped_total, 0, None
 
-    def add(self, step, loss, norm_enc, norm_pred, finite, lr, wd, momentum, data_s, health=None) -> None:
-        values = torch.stack([loss.float(), norm_enc.float(), norm_pred.float(), (~finite).float()])
-        self.rows.append((step, values, lr, wd, momentum, data_s, health or {}))
+    def add(self, step: int, result: StepResult, lr: float, wd: float, momentum: float, data_s: float) -> None:
+        """Keep step `step`'s numbers (with the target features' spreads when it kept its targets)."""
+        values = [result.loss.float(), result.norm_encoder.float(), result.norm_predictor.float(),
+                  (~result.finite).float()]
+        if result.targets is not None:
+            values += list(spreads(result.targets))
+        self.rows.append((step, torch.stack(values), lr, wd, momentum, data_s))
 
     def flush(self) -> dict | None:
         """Write the pending rows; returns the last one (None if nothing was pending)."""
         if not self.rows:
             return None
-        values = dist_utils.mean_across_ranks(torch.stack([r[1] for r in self.rows]), self.env).tolist()
+        # every rank has rows of the same lengths (the health steps are common): one reduction, one host sync
+        values = dist_utils.mean_across_ranks(torch.cat([r[1] for r in self.rows]), self.env).tolist()
         now = time.perf_counter()
         step_s = (now - self.since) / len(self.rows)  # wall time per step over the window (device included)
         skipped_inputs = self.skipped_inputs()  # this rank's bad input files, by reason
-        for (step, _, lr, wd, momentum, data_s, health), (loss, n_enc, n_pred, skipped) in zip(self.rows, values):
+        offset = 0
+        for step, row_values, lr, wd, momentum, data_s in self.rows:
+            loss, n_enc, n_pred, skipped, *measured = values[offset:offset + row_values.numel()]
+            offset += row_values.numel()
+            health = self.health.record(step, *measured) if measured else {}
             skipped = skipped > 0  # on any rank: DDP's averaged gradient is then non-finite on every rank
             self.skipped_total += skipped
             self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
@@ -181,39 +139,6 @@ class StopRequest:
             flag = flag.cuda()
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
-
-
-def _grad_norm_and_clip(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
-    return dist_utils.local_value(norm)  # FSDP: the norm over all shards, replicated
-
-
-def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, ema: EMA, clips: torch.Tensor,
-               masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor], *, path: str, autocast,
-               max_norm: float | None, momentum: float, stage: Callable[[str], ContextManager] | None = None):
-    """One optimisation step: loss, backward, per-module gradient norms (clipped when `max_norm` is set), AdamW,
-    EMA; a non-finite loss or gradient skips the update on the device. Returns device tensors (loss, encoder grad
-    norm, predictor grad norm, finite): no host synchronisation. `optimizer` must be a fused AdamW (also over
-    FSDP's sharded parameters: the gradient norms, hence the skip, are then global, the same on every rank).
-    `stage(name)` wraps each part (STAGES of the loss, then "backward", "optimizer", "ema") for timing."""
-    stage = stage or (lambda name: contextlib.nullcontext())
-    with autocast:
-        loss = model.loss(clips, masks_enc, masks_pred, path=path, stage=stage)
-    with stage("backward"):
-        loss.backward()
-    with stage("optimizer"):
-        norm_enc = _grad_norm_and_clip(model.encoder, max_norm)
-        norm_pred = _grad_norm_and_clip(model.predictor, max_norm)
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(norm_enc) & torch.isfinite(norm_pred)
-        optimizer.found_inf = (~finite).float()  # the fused AdamW skips its whole update (state included)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    with stage("ema"):
-        ema(torch.where(finite, momentum, 1.0))  # momentum 1 leaves the target encoder as it was
-    return loss.detach(), norm_enc, norm_pred, finite
 
 
 class RunDir:
@@ -286,8 +211,7 @@ def wrap_for_data_parallel(model: VJEPA, cfg: Config, env: dist_utils.DistEnv, d
 
 def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_steps: int | None,
            progress: bool, env: dist_utils.DistEnv) -> TrainResult:
-    seed_everything(cfg.meta.seed)
-    model = VJEPA(cfg).to(device)
+    model = build_model(cfg, device)
     fsdp = uses_fsdp(cfg, env)
     schedule = Schedule.from_config(cfg.optimization)
     total = min(cfg.total_steps, max_steps) if max_steps else cfg.total_steps
@@ -338,8 +262,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
         paths = dataset_paths(cfg)
     metrics = MetricsLog(run.metrics, METRIC_FIELDS, resume_step=start if resume else None) if env.is_main else None
     loader = build_train_loader(cfg, paths, start_step=start, rank=env.rank, world_size=env.world_size)
-    masks = MaskGenerator(cfg.mask, cfg.data.crop_size, cfg.data.num_frames, cfg.data.patch_size,
-                          cfg.data.tubelet_size)
+    masks = masks_generator(cfg)
     batch = cfg.data.batch_size
     clip_after = schedule.warmup_steps
     log.info("training %s on %s x %d: steps %d -> %d, batch %d per rank, run dir %s", cfg.name, device,
@@ -347,7 +270,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
     log.info("one pass over the data is %d steps; the schedules count optimization.ipe=%d steps per epoch",
              max(1, loader.samples_per_epoch // batch), cfg.optimization.ipe)
 
-    pending = StepLog(metrics, batch, lambda: dict(loader.stats), env, skipped_total)
+    pending = StepLog(metrics, batch, lambda: dict(loader.stats), env, health, skipped_total)
     t_start = time.perf_counter()
     step, stopped_by = start, None
     bar = tqdm(total=total, initial=start, disable=not progress, desc=cfg.name, unit="step", dynamic_ncols=True)
@@ -357,25 +280,18 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
             while step < total:
                 t0 = time.perf_counter()
                 clips, _labels = next(loader)
-                clips = clips.to(device, non_blocking=True)
+                clips = to_device(clips, device)
                 t_data = time.perf_counter() - t0
-                # masks are drawn on the CPU (no device sync for their sizes) while the device works
-                masks_enc, masks_pred = masks.gen(batch, step, generator=mask_generator_for(cfg, step))
-                masks_enc = [m.to(device, non_blocking=True) for m in masks_enc]
-                masks_pred = [m.to(device, non_blocking=True) for m in masks_pred]
+                # drawn on the CPU (no device sync for their sizes) while the device works on the last step
+                masks_enc, masks_pred = draw_masks(masks, cfg, step, device)
                 lr, wd = schedule.lr(step + 1), schedule.wd(step + 1)
                 apply_schedule(optimizer, lr, wd)
-                spreads = None
-                if health.due(step):
-                    with torch.no_grad(), autocast_for(cfg, device):
-                        spreads = health.observe(step, model.target_encoder(clips, path=cfg.meta.path))
-
                 max_norm = cfg.optimization.clip_grad if step >= clip_after else None
                 momentum = schedule.momentum(step)
-                loss, norm_enc, norm_pred, finite = train_step(
-                    model, optimizer, ema, clips, masks_enc, masks_pred, path=cfg.meta.path,
-                    autocast=autocast_for(cfg, device), max_norm=max_norm, momentum=momentum)
-                pending.add(step, loss, norm_enc, norm_pred, finite, lr, wd, momentum, t_data, spreads)
+                result = train_step(model, optimizer, ema, clips, masks_enc, masks_pred, path=cfg.meta.path,
+                                    autocast=autocast_for(cfg, device), max_norm=max_norm, momentum=momentum,
+                                    keep_targets=health.due(step))
+                pending.add(step, result, lr, wd, momentum, t_data)
                 step += 1
                 bar.update(1)
                 boundary = step % cfg.logging.log_every == 0 or step == total

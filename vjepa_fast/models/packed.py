@@ -54,8 +54,12 @@ class PackedLayout:
 
 @functools.lru_cache(maxsize=64)
 def _cu_seqlens(layout: PackedLayout, device: torch.device) -> torch.Tensor:
-    lengths = torch.tensor([n for c, n in layout.groups for _ in range(c)], dtype=torch.int32)
-    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)).to(device)
+    """Made on the device from the layout's integers (a copy of a host table would make the host wait)."""
+    parts, offset = [torch.zeros(1, dtype=torch.int32, device=device)], 0
+    for count, length in layout.groups:
+        parts.append(offset + length * torch.arange(1, count + 1, dtype=torch.int32, device=device))
+        offset += count * length
+    return torch.cat(parts)
 
 
 def attend_dense(q, k, v, backend: str):

@@ -1,0 +1,148 @@
+"""One V-JEPA training step and what it needs: the device, seeding, autocast, the batch's masks on the device, the
+EMA of the target encoder, and `train_step` (loss, backward, clipped AdamW, EMA).
+
+Nothing here waits for the device: host data reaches it through pinned memory with non-blocking copies, the EMA
+momentum and the skip of a non-finite step stay on the device, and the step returns device tensors. The training
+loop (train.py) and the step benchmark both run this module's step, so what the benchmark times is what trains.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import numpy as np
+import torch
+
+import kernels
+
+from .config import Config
+from .distributed import local_tensor, local_value
+from .masks import MaskGenerator
+from .model import VJEPA
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """`auto`/None: CUDA when present, else the CPU; otherwise the named device (which must exist)."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    """bf16 autocast on CUDA when configured; CPU computes in fp32."""
+    if device.type == "cuda" and cfg.meta.dtype == "bfloat16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_model(cfg: Config, device: torch.device) -> VJEPA:
+    """The seeded networks of `cfg`, built on `device` itself (a ViT-H built on a CPU and copied takes ~30 s)."""
+    seed_everything(cfg.meta.seed)
+    with torch.device(device):
+        model = VJEPA(cfg)
+    return model.to(device)  # the fixed position tables are computed on the CPU (bit-identical on every device)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: through pinned memory with a non-blocking copy
+    (a copy from pageable memory can stall until the device's queue drains)."""
+    if device.type != "cuda" or t.is_cuda:
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
+def masks_generator(cfg: Config) -> MaskGenerator:
+    d = cfg.data
+    return MaskGenerator(cfg.mask, d.crop_size, d.num_frames, d.patch_size, d.tubelet_size)
+
+
+def draw_masks(masks: MaskGenerator, cfg: Config, step: int, device: torch.device):
+    """The context and prediction masks of `step`, drawn on the CPU from a generator seeded by (seed, step) (so a
+    resumed run replays them), then sent to `device` without a host wait."""
+    generator = torch.Generator().manual_seed(cfg.meta.seed * 1_000_003 + step)
+    masks_enc, masks_pred = masks.gen(cfg.data.batch_size, step, generator=generator)
+    return [to_device(m, device) for m in masks_enc], [to_device(m, device) for m in masks_pred]
+
+
+class EMA:
+    """target = m * target + (1 - m) * encoder after each step: one Triton launch over flat parameter buffers
+    (fused, where the kernels run), or a `torch._foreach_lerp_` over the (local shards of the) parameters."""
+
+    def __init__(self, model: VJEPA, fused: bool):
+        self.target = list(model.target_encoder.parameters())
+        self.source = list(model.encoder.parameters())
+        device = self.source[0].device
+        self.flat = None
+        if fused and (device.type == "cuda" or kernels.runs_on_cpu()):
+            self.flat = (kernels.flatten_params(model.target_encoder), kernels.flatten_params(model.encoder))
+
+    @torch.no_grad()
+    def __call__(self, momentum: float | torch.Tensor) -> None:
+        """momentum: a float, or a 0-d device tensor, which no branch reads on the host."""
+        if self.flat is not None:
+            kernels.ema_(*self.flat, momentum)
+            return
+        target = [local_tensor(p) for p in self.target]  # FSDP: the matching local shards
+        source = [local_tensor(p) for p in self.source]
+        if not isinstance(momentum, torch.Tensor):
+            torch._foreach_lerp_(target, source, 1.0 - momentum)
+            return
+        # A tensor weight takes the List overload: the Scalar one would read it back to the host every step.
+        weights = {dtype: (1.0 - momentum).to(dtype) for dtype in {t.dtype for t in target}}
+        torch._foreach_lerp_(target, source, [weights[t.dtype] for t in target])
+
+
+def _grad_norm_and_clip(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+    return local_value(norm)  # FSDP: the norm over all shards, replicated
+
+
+@dataclass
+class StepResult:
+    """Device tensors of one step: no host synchronisation was needed to make them."""
+    loss: torch.Tensor
+    norm_encoder: torch.Tensor
+    norm_predictor: torch.Tensor
+    finite: torch.Tensor  # False: the update was skipped (non-finite loss or gradient)
+    targets: torch.Tensor | None = None  # the target encoder's features [B, N, D], when asked for
+
+
+def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, ema: EMA, clips: torch.Tensor,
+               masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor], *, path: str, autocast,
+               max_norm: float | None, momentum: float, stage: Callable[[str], ContextManager] | None = None,
+               keep_targets: bool = False) -> StepResult:
+    """One optimisation step: loss, backward, per-module gradient norms (clipped when `max_norm` is set), AdamW,
+    EMA; a non-finite loss or gradient skips the update on the device. `optimizer` must be a fused AdamW (also over
+    FSDP's sharded parameters: the gradient norms, hence the skip, are then global, the same on every rank).
+    `stage(name)` wraps each part (STAGES of the loss, then "backward", "optimizer", "ema") for timing;
+    `keep_targets` returns the target features the loss used (for the health monitor)."""
+    stage = stage or (lambda name: contextlib.nullcontext())
+    with autocast:
+        loss, targets = model.loss(clips, masks_enc, masks_pred, path=path, stage=stage, return_targets=True)
+    with stage("backward"):
+        loss.backward()
+    with stage("optimizer"):
+        norm_enc = _grad_norm_and_clip(model.encoder, max_norm)
+        norm_pred = _grad_norm_and_clip(model.predictor, max_norm)
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(norm_enc) & torch.isfinite(norm_pred)
+        optimizer.found_inf = (~finite).float()  # the fused AdamW skips its whole update (state included)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with stage("ema"):
+        # momentum 1 leaves the target encoder as it was; fp64 as the schedule computed it, made on the device
+        ema(torch.where(finite, torch.full((), momentum, dtype=torch.float64, device=finite.device), 1.0))
+    return StepResult(loss.detach(), norm_enc, norm_pred, finite, targets if keep_targets else None)
