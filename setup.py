@@ -1,12 +1,15 @@
 from setuptools import find_packages, setup
 
+# One import name: vjepa_fast. The kernels and the data pipelines live in the top-level folders kernels/ and
+# dali_pipelines/ and are installed as its subpackages vjepa_fast.kernels and vjepa_fast.dali_pipelines (the links
+# vjepa_fast/kernels and vjepa_fast/dali_pipelines point at them); bench/ and tests/ are development tooling.
 setup(
     name="vjepa_fast",
     version="0.1.0",
     description="Fast, verified V-JEPA video pretraining: GPU data pipeline, fused Triton kernels, reference parity.",
     python_requires=">=3.10",
-    packages=find_packages(include=["vjepa_fast", "vjepa_fast.*", "kernels", "kernels.*",
-                                    "dali_pipelines", "dali_pipelines.*", "bench", "bench.*"]),
+    packages=find_packages(include=["vjepa_fast", "vjepa_fast.*"]),
+    package_data={"vjepa_fast": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "triton",
@@ -18,10 +21,10 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "triton", "pytest-benchmark", "scikit-video"],
-        "triton": ["triton"],
+        "test": ["pytest", "pytest-timeout", "pytest-benchmark", "scikit-video", "fvcore"],
         "dali": ["nvidia-dali-cuda120>=2.4"],  # fn.decoders.video(frames=...); tested with 2.4.0
         "xformers": ["xformers"],
+        "fvcore": ["fvcore"],  # per-module FLOP tables (bench step cross-checks its analytic count)
     },
     entry_points={"console_scripts": ["vjepa-fast=vjepa_fast.cli:main"]},
 )

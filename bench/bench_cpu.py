@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench.masks import LoopMaskGenerator
-from bench.step import SyntheticSteps
+from vjepa_fast.bench.step import SyntheticSteps
 from vjepa_fast.config import load_config
 from vjepa_fast.masks import MaskGenerator
 
@@ -27,7 +27,7 @@ def test_mask_generation(benchmark, kind):
 
 
 def test_pyav_loader(benchmark, tmp_path):
-    from dali_pipelines import ClipSpec, make_loader
+    from vjepa_fast.dali_pipelines import ClipSpec, make_loader
     from vjepa_fast.synthetic import ensure_synthetic_dataset
 
     data = ensure_synthetic_dataset(str(tmp_path), num_videos=32, frames=40, size=80, progress=False)
@@ -39,10 +39,10 @@ def test_pyav_loader(benchmark, tmp_path):
         loader.close()
 
 
-@pytest.mark.parametrize("path", ["reference", "fast"])
-def test_tiny_step(benchmark, path):
+@pytest.mark.parametrize("computation", ["reference", "fast"])
+def test_tiny_step(benchmark, computation):
     cfg = load_config("demo", ["data.batch_size=8", "model.depth=2", "model.pred_depth=2"])
-    runner = SyntheticSteps(cfg, path, "sdpa", torch.device("cpu"))
+    runner = SyntheticSteps(cfg, computation, "sdpa", torch.device("cpu"))
     benchmark(runner.run, 0)
 
 

@@ -8,8 +8,8 @@ baseline: a PyAV loader that decodes every frame of the clip's span at full reso
 resizes afterwards (the official approach; same seeking, same workers, same clips). Each runs one warm-up batch
 (workers start, files are probed) and is then timed over --batches batches, in --rounds alternating rounds: clips/s
 are medians over rounds, speed-ups medians of per-round ratios (robust to a shared machine's changing load).
-Targets (DESIGN section 6): CPU loader >= 2x the baseline; on a GPU, DALI GPU clips/s above what the fast training
-step consumes (--step-clips-per-s, from the step benchmark). Writes data.json and data.md under --out.
+Targets (docs/design.md, section 7): CPU loader >= 2x the baseline; on a GPU, DALI GPU clips/s above what the fast
+training step consumes (--step-clips-per-s, from the step benchmark). Writes data.json and data.md under --out.
 """
 from __future__ import annotations
 
@@ -24,14 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.report import write_results
-from dali_pipelines import ClipSpec, StepLoader, read_dataset_files
-from dali_pipelines.choose import dali_installed
-from dali_pipelines.clip_plan import ClipPlan
-from dali_pipelines.dali_loader import DaliClipLoader
-from dali_pipelines.loader import ClipDataset, PyAVClipLoader
-from dali_pipelines.pyav_decode import read_frames
-from dali_pipelines.transform import IMAGENET_MEAN, IMAGENET_STD
+from vjepa_fast.bench.report import write_results
+from vjepa_fast.dali_pipelines import ClipSpec, StepLoader, read_dataset_files
+from vjepa_fast.dali_pipelines.choose import dali_installed
+from vjepa_fast.dali_pipelines.clip_plan import ClipPlan
+from vjepa_fast.dali_pipelines.dali_loader import DaliClipLoader
+from vjepa_fast.dali_pipelines.loader import ClipDataset, PyAVClipLoader
+from vjepa_fast.dali_pipelines.pyav_decode import read_frames
+from vjepa_fast.dali_pipelines.transform import IMAGENET_MEAN, IMAGENET_STD
 from vjepa_fast.synthetic import FPS, KEYFRAME_INTERVAL, write_webm
 
 

@@ -16,8 +16,9 @@
 #   kernels         45 s  the Triton kernels vs eager PyTorch at ViT-L/H sizes (~10 compiles, do_bench 0.2 s a row)
 #   step-vith16     60 s  the ViT-H/16 step, reference and fast, eager
 #
-# The limits add up to more than 7 minutes because each is an upper bound: a global deadline (400 s after the start)
+# The limits add up to more than 7 minutes because each is an upper bound: a global deadline (380 s after the start)
 # cuts whichever stage is running when it passes and skips the rest, so the lowest-value stages are the ones lost.
+# A stage cut short gets SIGINT first (pytest then prints its failures, a benchmark keeps the rows it wrote).
 # Results go to OUT (default bench/out/gpu), at most 8 files (the device tool brings back 8): gpu_check.log
 # (everything printed), ceilings.json, official.json, step_vitl16.json/.png, kernels.json, step_vith16.json/.png.
 # The summary tables (bench/summary.py) are printed last.
@@ -28,6 +29,7 @@
 #                          runs so that a rename cannot break the GPU check unnoticed
 #   bash bench/gpu_check.sh [OUT] learning             instead: the learning proof on synthetic data (~5 min)
 #
+# The commit printed first is VJEPA_FAST_COMMIT where set (a copy of the tree without .git), else git's.
 # Meant for a machine with torch + triton preinstalled and no internet. Packages it lacks (xformers, PyAV) come
 # from whatever PYTHONPATH the caller sets; nothing here needs them.
 set -uo pipefail
@@ -47,20 +49,23 @@ OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d)  # every bench writes here; the chosen result files are copied to OUT
 trap 'rm -rf "$WORK"' EXIT
 LOG="$OUT/gpu_check.log"
+RESULTS="gpu_check.log ceilings.json official.json kernels.json step_*.json step_*.png"
+(cd "$OUT" && rm -f $RESULTS)  # no stale result of an earlier run beside this one's
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 START=$(date +%s)
-DEADLINE=$((START + 400))
+DEADLINE=$((START + 380))
 
 stage() {  # stage NAME SECONDS COMMAND...: run within its limit and the deadline, log everything, note the status
   local name=$1 limit=$2; shift 2
   local left=$((DEADLINE - $(date +%s)))
+  [ "$DRY" = 1 ] || [ "$MODE" = learning ] && left=$limit
   [ "$DRY" = 1 ] && { limit=600; left=600; }
   if [ "$left" -lt 10 ]; then
     echo "=== $name: skipped, out of time" | tee -a "$LOG"; return
   fi
   [ "$left" -lt "$limit" ] && limit=$left
   echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$LOG"
-  timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  timeout -s INT -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   echo "=== $name: exit ${PIPESTATUS[0]} after $(( $(date +%s) - START ))s in all" | tee -a "$LOG"
 }
 
@@ -68,7 +73,7 @@ keep() {  # keep FILE...: copy results that exist into OUT
   for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/"; done
 }
 
-echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)  date: $(date -u +%F)  mode: $MODE$(
+echo "commit: ${VJEPA_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}  date: $(date -u +%F)  mode: $MODE$(
   [ "$DRY" = 1 ] && echo ' (dry run)')" | tee "$LOG"
 stage env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU"
   python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)"
@@ -91,7 +96,7 @@ else
   MAIN_NAME=vitl16 SECOND_NAME=vith16
 fi
 
-stage ceilings 45 python3 -m bench.ceilings --out "$WORK"
+stage ceilings 45 python3 -m vjepa_fast.bench.ceilings --out "$WORK"
 keep "$WORK/ceilings.json"
 PEAK=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['matmul_tflops'])" "$OUT/ceilings.json" 2>/dev/null)
 PEAK_ARGS=(${PEAK:+--peak-tflops "$PEAK"})
@@ -108,7 +113,7 @@ else
 fi
 
 BACKENDS=sdpa
-python3 -c "import torch, xformers.ops as x; q = torch.randn(1, 8, 2, 64, device='cuda', dtype=torch.bfloat16)
+timeout 30 python3 -c "import torch, xformers.ops as x; q = torch.randn(1, 8, 2, 64, device='cuda', dtype=torch.bfloat16)
 x.memory_efficient_attention(q, q, q)" 2>/dev/null && BACKENDS=sdpa,xformers  # a carried wheel may not match torch
 stage "step-$MAIN_NAME" 150 python3 -m vjepa_fast.cli bench step "${MAIN[@]}" "${STEPS[@]}" --compile both \
   --backends "$BACKENDS" "${PEAK_ARGS[@]}" --out "$WORK/main"
@@ -125,6 +130,6 @@ fi
 
 echo
 echo "================ summary ================" | tee -a "$LOG"
-python3 -m bench.summary "$OUT" 2>&1 | tee -a "$LOG"
+timeout 60 python3 -m bench.summary --main "$MAIN_NAME" "$OUT" 2>&1 | tee -a "$LOG"
 grep '^=== .*: \(exit\|skipped\)' "$LOG"
 echo "wall time: $(( $(date +%s) - START ))s; result files: $(ls "$OUT" | tr '\n' ' ')"

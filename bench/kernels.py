@@ -4,8 +4,8 @@
 
 For each op at ViT-L (D=1024) and ViT-H (D=1280) sizes (B=24, N=1568; context masks K=368, 112; target masks
 K=760, 1120; EMA over the encoder's parameter count), the median time (triton.testing.do_bench), the bytes the op
-must move divided by that time, and that as a share of a measured device-to-device copy. Targets (DESIGN section
-6): faster than eager and compiled, >= 70% of copy bandwidth. The compiled references are opt-in: their cold
+must move divided by that time, and that as a share of a measured device-to-device copy. Targets (docs/design.md,
+section 7): faster than eager and compiled, >= 70% of copy bandwidth. The compiled references are opt-in: their cold
 compilations take most of a run's time. Each row is printed, and kernels.json / kernels.md under --out rewritten,
 as soon as it is measured. Without CUDA only --quick runs: tiny sizes, the kernels in the Triton interpreter, no
 torch.compile, wall-clock timing: a smoke test of this script, not numbers.
@@ -20,9 +20,9 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 
-import kernels  # noqa: E402
-from bench.ceilings import copy_gbps, make_timer  # noqa: E402
-from bench.report import write_results  # noqa: E402
+from vjepa_fast import kernels  # noqa: E402
+from vjepa_fast.bench.ceilings import copy_gbps, make_timer  # noqa: E402
+from vjepa_fast.bench.report import write_results  # noqa: E402
 
 FULL = {"batch": 24, "tokens": 1568, "context_k": (368, 112), "target_k": (760, 1120),
         "sizes": {"vit_l": {"dim": 1024, "depth": 24}, "vit_h": {"dim": 1280, "depth": 32}}, "patch": 16}
@@ -48,7 +48,7 @@ def _sorted_masks(batch, tokens, ks, g, device):
             for k in ks]
 
 
-def gather_cases(cfg, dim, device, compiled):
+def pack_cases(cfg, dim, device, compiled):
     """[(pass, bytes, {impl: fn})] for the context gather with pos-embed add (bf16), and fn() -> forward diff."""
     batch, tokens, ks = cfg["batch"], cfg["tokens"], cfg["context_k"]
     g = torch.Generator().manual_seed(0)
@@ -58,14 +58,14 @@ def gather_cases(cfg, dim, device, compiled):
     rows = batch * sum(ks)
     grad_out = torch.randn(rows, dim, generator=g).to(device, torch.bfloat16)
     xg = x.clone().requires_grad_()
-    impls = {"triton": kernels.gather_tokens, "eager": kernels.gather_tokens_reference, "compiled": compiled}
+    impls = {"triton": kernels.pack_tokens, "eager": kernels.pack_tokens_reference, "compiled": compiled}
     fwd_bytes = rows * dim * 2 * 3 + rows * 8  # x row, pos row, out row (bf16); the index
     bwd_bytes = rows * dim * 2 + batch * tokens * dim * 2  # grad rows in, grad x out
     return [
         ("fwd", fwd_bytes, {k: (lambda f=f: f(x, idx, pos)) if f else None for k, f in impls.items()}),
         ("fwd+bwd", fwd_bytes + bwd_bytes,
          {k: (lambda f=f: _grads(f(xg, idx, pos)[0], xg, grad_out)) if f else None for k, f in impls.items()}),
-    ], lambda: (kernels.gather_tokens(x, idx, pos)[0].float() - kernels.gather_tokens_reference(x, idx, pos)[0].float())
+    ], lambda: (kernels.pack_tokens(x, idx, pos)[0].float() - kernels.pack_tokens_reference(x, idx, pos)[0].float())
 
 
 def loss_cases(cfg, dim, device, compiled):
@@ -118,7 +118,7 @@ def run(quick=False, use_compile=False, on_row=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timer = make_timer(quick)
     use_compile = use_compile and device.type == "cuda"
-    references = {"gather_tokens": kernels.gather_tokens_reference, "masked_l1_loss": kernels.masked_l1_loss_reference,
+    references = {"pack_tokens": kernels.pack_tokens_reference, "masked_l1_loss": kernels.masked_l1_loss_reference,
                   "ema": kernels.ema_reference_}
     compiled = {op: torch.compile(fn, dynamic=False) if use_compile else None for op, fn in references.items()}
     copy = copy_gbps(timer, device, (4 << 20) if quick else (1 << 30))
@@ -131,7 +131,7 @@ def run(quick=False, use_compile=False, on_row=None):
     }
     for size_name, size in cfg["sizes"].items():
         for op, (cases, diff) in {
-            "gather_tokens": gather_cases(cfg, size["dim"], device, compiled["gather_tokens"]),
+            "pack_tokens": pack_cases(cfg, size["dim"], device, compiled["pack_tokens"]),
             "masked_l1_loss": loss_cases(cfg, size["dim"], device, compiled["masked_l1_loss"]),
             "ema": ema_cases(cfg, size, device, compiled["ema"]),
         }.items():

@@ -2,7 +2,7 @@
 
     python -m bench.masks [--batch 24] [--steps 50] [--out bench/out]
 
-Target (DESIGN section 6): >= 20x faster than the loop on CPU at 224 px, 16 frames, batch 24.
+Target (docs/design.md, section 7): >= 20x faster than the loop on CPU at 224 px, 16 frames, batch 24.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bench.report import write_results
+from vjepa_fast.bench.report import write_results
 from vjepa_fast.config import load_config
 from vjepa_fast.masks import MaskGenerator
 

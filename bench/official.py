@@ -21,13 +21,16 @@ from pathlib import Path
 
 import torch
 
-from bench.ceilings import matmul_tflops
-from bench.flops import step_flops
-from bench.report import write_results
-from vjepa_fast.config import MODEL_SIZES, Config, MaskConfig, load_config
+from vjepa_fast.bench.ceilings import matmul_tflops
+from vjepa_fast.bench.flops import step_flops
+from vjepa_fast.bench.report import write_results
+from vjepa_fast.config import Config, MaskConfig, load_config
+from vjepa_fast.models.build import MODEL_SIZES
+from vjepa_fast.step import pick_device
 
 # The harness draws the masks of configs/pretrain/vitl16.yaml, whatever the model.
-HARNESS_MASKS = [MaskConfig(num_blocks=8, spatial_scale=(0.15, 0.15)), MaskConfig(num_blocks=2, spatial_scale=(0.7, 0.7))]
+HARNESS_MASKS = [MaskConfig(num_blocks=8, spatial_scale=(0.15, 0.15)),
+                 MaskConfig(num_blocks=2, spatial_scale=(0.7, 0.7))]
 TIMED_LINE = re.compile(r"\[timed\s+\d+\] loss=(?P<loss>\S+) step=\s*(?P<ms>[\d.]+) ms.*"
                         r"ctx_tokens=\[(?P<ctx>[\d, ]+)\] pred_tokens=\[(?P<pred>[\d, ]+)\]")
 PEAK_MEMORY = re.compile(r"peak mem allocated: (?P<gib>[\d.]+) GiB")
@@ -68,8 +71,7 @@ def run(cfg: Config, official: Path, *, device="auto", steps: int = 10, warmup: 
     if not harness.is_file():
         raise FileNotFoundError(f"--official {official}: no jepa_step.py there (a copy of the folder holding it and "
                                 f"the official source in jepa/)")
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device == "auto" else device))
+    device = pick_device(device)
     command = [sys.executable, str(harness), *harness_args(cfg, device, steps, warmup)]
     print("official:", " ".join(command), flush=True)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -86,12 +88,13 @@ def run(cfg: Config, official: Path, *, device="auto", steps: int = 10, warmup: 
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.meta.dtype == "bfloat16" else torch.float32
     peak = peak_tflops if peak_tflops is not None else matmul_tflops(device, dtype)
     ms = [t for t, _, _ in timed]
-    flops = [step_flops(cfg, ctx, pred).total for _, ctx, pred in timed]
+    flops = [step_flops(cfg, ctx, pred).total for _, ctx, pred in timed]  # the same count as ours
     tflops = sum(flops) / (sum(ms) / 1e3) / 1e12
     step_ms = statistics.median(ms)
     return {"config": cfg.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "command": command, "batch": cfg.data.batch_size, "dtype": str(dtype).replace("torch.", ""),
-            "steps": len(timed), "warmup": warmup, "step_ms": step_ms, "clips_per_s": cfg.data.batch_size / step_ms * 1e3,
+            "steps": len(timed), "warmup": warmup, "step_ms": step_ms,
+            "clips_per_s": cfg.data.batch_size / step_ms * 1e3,
             "tflops": tflops, "peak_tflops": peak, "mfu": tflops / peak, "peak_mem_gb": peak_gib,
             "ms_per_iter": "median wall time of one official iteration (clip copy from pinned memory, masks to the "
                            "device, train_step with its per-step logging syncs); mask collation not included"}

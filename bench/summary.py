@@ -1,7 +1,7 @@
 """The GPU check's final tables, from the result files it leaves: ceilings, the official step beside ours, every
 step variant, the kernels.
 
-    python -m bench.summary OUT
+    python -m bench.summary [--main vitl16] OUT
 
 Prints `official ms/iter`, `ours ms/iter` (the fastest variant that ran, fast path or not) and their ratio, each
 with its MFU, then the full tables of step_<config>.json, kernels.json and ceilings.json as they were measured.
@@ -12,7 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from bench import ceilings, kernels, official, step
+from bench import kernels, official
+from vjepa_fast.bench import ceilings, step
 
 
 def _load(path: Path) -> dict | None:
@@ -47,14 +48,16 @@ def comparison(off: dict | None, ours: dict | None) -> str:
     return text + f"official ms/iter: {off_ms}\nours ms/iter: {ours_ms}\nratio (official / ours): {ratio}\n"
 
 
-def summary(out: Path) -> str:
+def summary(out: Path, main_config: str = "vitl16") -> str:
+    """The tables; the official step is compared with step_<main_config>.json (else with whichever step ran)."""
     out = Path(out)
     parts = []
     ceil = _load(out / "ceilings.json")
     parts.append(ceilings.markdown(ceil) if ceil else "Ceilings: not measured\n")
     off = _load(out / "official.json")
     ours = {p.stem.removeprefix("step_"): _load(p) for p in sorted(out.glob("step_*.json"))}
-    main_config = off["config"] if off else next(iter(ours), None)
+    if main_config not in ours:
+        main_config = off["config"] if off else next(iter(ours), main_config)
     parts.append(f"### Official vs ours: {main_config}\n\n" + comparison(off, ours.get(main_config)))
     if off:
         parts.append(official.markdown(off))
@@ -69,7 +72,9 @@ def summary(out: Path) -> str:
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", help="the folder the GPU check wrote")
-    text = summary(Path(p.parse_args(argv).out))
+    p.add_argument("--main", default="vitl16", help="the config whose step is compared with the official one")
+    a = p.parse_args(argv)
+    text = summary(Path(a.out), a.main)
     print(text)
     return text
 

@@ -1,10 +1,12 @@
 """Bad input accounting: unusable videos are skipped, counted by reason, logged once, and stop training when most
-of the files tried fail (DESIGN section 5: bad input never stops training silently or loses work)."""
+of the files tried fail (docs/design.md, section 6: bad input never stops training silently or loses work)."""
 import logging
 
 import numpy as np
 
-logger = logging.getLogger("dali_pipelines")
+from ..errors import RunStopped
+
+logger = logging.getLogger(__name__)
 
 SKIP_REASONS = ("missing", "empty", "truncated", "undecodable", "unsupported", "too_short")
 
@@ -34,8 +36,8 @@ class SkipTracker:
     """Main-process record of the load attempts workers report with each batch.
 
     An attempt is (dataset index, reason, detail), with reason None for a clip that loaded. Counts skips by reason,
-    logs each bad file once (logger "dali_pipelines"), and raises RuntimeError when more than half of the distinct
-    files tried are bad.
+    logs each bad file once (logger "vjepa_fast.dali_pipelines.bad_input"), and raises RunStopped when more than half
+    of the distinct files tried are bad.
     """
 
     def __init__(self, paths: tuple[str, ...]):
@@ -62,5 +64,5 @@ class SkipTracker:
         enough_tried = self._num_tried >= min(MIN_FILES_FOR_FAILURE_CHECK, len(self.paths))
         if enough_tried and len(self.bad_files) > self._num_tried / 2:
             failures = [(path, reason, self._bad_details[path]) for path, reason in self.bad_files.items()]
-            raise RuntimeError(f"{len(self.bad_files)} of the {self._num_tried} distinct videos tried are unusable; "
-                               f"check the dataset files:\n{describe_failures(failures)}")
+            raise RunStopped(f"{len(self.bad_files)} of the {self._num_tried} distinct videos tried are unusable; "
+                             f"check the dataset files:\n{describe_failures(failures)}")

@@ -12,14 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from dali_pipelines.bad_input import VideoError
-from dali_pipelines.dali_loader import DALI_CODECS, DaliClipLoader
-from dali_pipelines.dataset_file import DatasetIndex, read_dataset_files
-from dali_pipelines.loader import PyAVClipLoader, StepLoader
-from dali_pipelines.pyav_decode import probe_video
-from dali_pipelines.spec import ClipSpec
+from ..errors import UserError
+from .bad_input import VideoError
+from .dali_loader import DALI_CODECS, DaliClipLoader
+from .dataset_file import DatasetIndex, read_dataset_files
+from .loader import PyAVClipLoader, StepLoader
+from .pyav_decode import probe_video
+from .spec import ClipSpec
 
-logger = logging.getLogger("dali_pipelines")
+logger = logging.getLogger(__name__)
 
 LOADERS = ("auto", "dali", "pyav")
 CODEC_SAMPLE = 8  # 'auto' probes this many dataset files for their codecs
@@ -43,13 +44,13 @@ def dali_installed() -> bool:
 def choose_loader(requested: str, dataset: DatasetIndex) -> LoaderChoice:
     """The loader `requested` ('auto', 'dali' or 'pyav') means on this machine for `dataset`."""
     if requested not in LOADERS:
-        raise ValueError(f"unknown loader {requested!r}: expected one of {', '.join(LOADERS)}")
+        raise UserError(f"unknown loader {requested!r}: expected one of {', '.join(LOADERS)}")
     if requested == "pyav":
         return LoaderChoice("pyav", "cpu", "data.loader is pyav")
     cuda = torch.cuda.is_available()
     if requested == "dali":
         if not dali_installed():
-            raise ValueError(f"data.loader is dali but NVIDIA DALI is not installed: {DALI_INSTALL}")
+            raise UserError(f"data.loader is dali but NVIDIA DALI is not installed: {DALI_INSTALL}")
         device = "gpu" if cuda else "cpu"
         return LoaderChoice("dali", device, f"data.loader is dali; {'CUDA' if cuda else 'no CUDA'}: DALI on the "
                                             f"{device.upper()}")

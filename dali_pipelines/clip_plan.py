@@ -8,12 +8,13 @@ from typing import TypeVar
 
 import numpy as np
 
-from dali_pipelines.bad_input import VideoError, describe_failures
-from dali_pipelines.dataset_file import DatasetIndex
-from dali_pipelines.pyav_decode import VideoInfo, probe_video
-from dali_pipelines.sample_order import CLIP_STREAM
-from dali_pipelines.sampling import centre_square_box, frame_indices, random_resized_crop_box
-from dali_pipelines.spec import ClipSpec
+from ..errors import RunStopped
+from .bad_input import VideoError, describe_failures
+from .dataset_file import DatasetIndex
+from .pyav_decode import VideoInfo, probe_video
+from .sample_order import CLIP_STREAM
+from .sampling import centre_square_box, frame_indices, random_resized_crop_box
+from .spec import ClipSpec
 
 # Draws tried for one batch slot before giving up (all bad: the dataset is mostly unusable).
 MAX_DRAWS_PER_CLIP = 32
@@ -69,5 +70,5 @@ def load_first_usable(dataset: DatasetIndex, spec: ClipSpec, seed: int, key: tup
         attempts.append((index, None, None))
         return loaded, int(dataset.labels[index]), attempts
     failures = list(dict.fromkeys((dataset.paths[i], reason, detail) for i, reason, detail in attempts))
-    raise RuntimeError(f"{MAX_DRAWS_PER_CLIP} videos drawn in a row are unusable; check the dataset files:\n"
-                       f"{describe_failures(failures)}")
+    raise RunStopped(f"{MAX_DRAWS_PER_CLIP} videos drawn in a row are unusable; check the dataset files:\n"
+                     f"{describe_failures(failures)}")

@@ -28,11 +28,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from dali_pipelines.bad_input import VideoError
-from dali_pipelines.clip_plan import ClipPlan, load_first_usable
-from dali_pipelines.dataset_file import DatasetIndex
-from dali_pipelines.loader import StepLoader
-from dali_pipelines.spec import ClipSpec
+from .bad_input import VideoError
+from .clip_plan import ClipPlan, load_first_usable
+from .dataset_file import DatasetIndex
+from .loader import StepLoader
+from .spec import ClipSpec
 
 # Codecs DALI 2.x decodes, by device: NVDEC on the GPU; on the CPU DALI's libavcodec has only these three.
 DALI_CODECS = {
@@ -77,7 +77,7 @@ class DaliClipLoader(StepLoader):
                                             prepare_first_batch=False)
 
     def _build(self, source, batch_size: int):
-        from dali_pipelines.dali_pipeline import build_clip_pipeline
+        from .dali_pipeline import build_clip_pipeline
 
         device_id = torch.cuda.current_device() if self.device == "gpu" else None
         return build_clip_pipeline(source, self.spec, batch_size=batch_size, num_threads=self.num_threads,
@@ -98,7 +98,7 @@ class DaliClipLoader(StepLoader):
 
     def _feed(self):
         """The pipeline's source: the next batch's inputs, planned (and read) a few batches ahead."""
-        from dali_pipelines.dali_pipeline import PREFETCH_DEPTH, clip_inputs
+        from .dali_pipeline import PREFETCH_DEPTH, clip_inputs
 
         try:
             while len(self._planned) <= PREFETCH_DEPTH:

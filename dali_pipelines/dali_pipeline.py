@@ -11,8 +11,8 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
-from dali_pipelines.spec import ClipSpec
-from dali_pipelines.transform import IMAGENET_MEAN, IMAGENET_STD
+from .spec import ClipSpec
+from .transform import IMAGENET_MEAN, IMAGENET_STD
 
 PREFETCH_DEPTH = 2  # batches DALI runs ahead of the one the trainer takes
 

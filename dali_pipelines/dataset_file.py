@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class DatasetIndex:
@@ -30,20 +32,20 @@ def read_dataset_file(path: str) -> tuple[list[str], list[int]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise ValueError(f"{path}, line {line_number}: not UTF-8 text: {raw[:80]!r}") from None
+                raise UserError(f"{path}, line {line_number}: not UTF-8 text: {raw[:80]!r}") from None
             tokens = line.split()
             if not tokens:
                 continue  # blank lines are skipped, as pandas.read_csv does in the official loader
             if len(tokens) != 2:
-                raise ValueError(f"{path}, line {line_number}: expected 'path label', got {line.strip()!r}")
+                raise UserError(f"{path}, line {line_number}: expected 'path label', got {line.strip()!r}")
             video, label = tokens
             try:
                 labels.append(int(label))
             except ValueError:
-                raise ValueError(f"{path}, line {line_number}: label {label!r} is not an integer") from None
+                raise UserError(f"{path}, line {line_number}: label {label!r} is not an integer") from None
             videos.append(os.path.join(folder, video))
     if not videos:
-        raise ValueError(f"dataset file {path} lists no videos")
+        raise UserError(f"dataset file {path} lists no videos")
     return videos, labels
 
 
@@ -52,9 +54,9 @@ def read_dataset_files(paths: Sequence[str], weights: Sequence[float] | None = N
     if isinstance(paths, str):
         paths = [paths]
     if not paths:
-        raise ValueError("no dataset files given")
+        raise UserError("no dataset files given")
     if weights is not None and len(weights) != len(paths):
-        raise ValueError(f"got {len(weights)} dataset weights for {len(paths)} dataset files {list(paths)}")
+        raise UserError(f"got {len(weights)} dataset weights for {len(paths)} dataset files {list(paths)}")
     all_videos, all_labels, sample_weights = [], [], []
     for file_number, path in enumerate(paths):
         videos, labels = read_dataset_file(path)
@@ -63,12 +65,12 @@ def read_dataset_files(paths: Sequence[str], weights: Sequence[float] | None = N
         if weights is not None:
             weight = float(weights[file_number])
             if not (np.isfinite(weight) and weight >= 0):
-                raise ValueError(f"weight {weights[file_number]!r} of dataset file {path} must be finite and >= 0")
+                raise UserError(f"weight {weights[file_number]!r} of dataset file {path} must be finite and >= 0")
             sample_weights += [weight / len(videos)] * len(videos)
     probabilities = None
     if weights is not None:
         probabilities = np.asarray(sample_weights, dtype=np.float64)
         if probabilities.sum() <= 0:
-            raise ValueError(f"dataset weights {list(weights)} are all zero")
+            raise UserError(f"dataset weights {list(weights)} are all zero")
         probabilities /= probabilities.sum()
     return DatasetIndex(tuple(all_videos), np.asarray(all_labels, dtype=np.int64), probabilities)

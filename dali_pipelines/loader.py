@@ -7,17 +7,19 @@ k is a pure function of (seed, k, rank, world_size, dataset) whatever the number
 resumes exactly. A bad video is replaced by a fresh deterministic draw (attempt + 1) and reported to the main
 process with the batch, where bad_input.SkipTracker counts and logs it.
 """
+import contextlib
 import multiprocessing
+import sys
 
 import torch
 
-from dali_pipelines.bad_input import SkipTracker
-from dali_pipelines.clip_plan import ClipPlan, load_first_usable
-from dali_pipelines.dataset_file import DatasetIndex
-from dali_pipelines.pyav_decode import read_frames
-from dali_pipelines.sample_order import SampleOrder
-from dali_pipelines.spec import ClipSpec
-from dali_pipelines.transform import clip_tensor
+from .bad_input import SkipTracker
+from .clip_plan import ClipPlan, load_first_usable
+from .dataset_file import DatasetIndex
+from .pyav_decode import read_frames
+from .sample_order import SampleOrder
+from .spec import ClipSpec
+from .transform import clip_tensor
 
 
 def worker_context(num_workers: int):
@@ -27,8 +29,32 @@ def worker_context(num_workers: int):
     if num_workers == 0:
         return None
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "numpy", "av", "dali_pipelines.loader"])  # a missing one is skipped
+    context.set_forkserver_preload(["torch", "numpy", "av", __name__])  # one that does not import is skipped
     return context
+
+
+@contextlib.contextmanager
+def _main_script_hidden():
+    """Hide the __main__ module's file and spec from multiprocessing while workers start. A fork-server (or spawned)
+    child otherwise runs the main script again before it unpickles its work; a script that builds a loader at its
+    top level, without `if __name__ == "__main__":`, would then start workers from within a worker and die. Our
+    workers need nothing from __main__, so they skip it, as they do for a notebook (whose __main__ has no file)."""
+    main = sys.modules.get("__main__")
+    saved = {name: main.__dict__.pop(name) for name in ("__file__", "__spec__") if main and name in main.__dict__}
+    if main is not None:
+        main.__spec__ = None  # getattr(main.__spec__, "name", None) must find no module name
+    try:
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
+
+
+def iterate(data_loader: torch.utils.data.DataLoader):
+    """iter(data_loader): its worker processes (started here) do not run the __main__ script again."""
+    with _main_script_hidden():
+        return iter(data_loader)
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -121,7 +147,7 @@ class PyAVClipLoader(StepLoader):
             multiprocessing_context=worker_context(num_workers),
             pin_memory=torch.cuda.is_available(),
         )
-        self._batches = iter(data_loader)
+        self._batches = iterate(data_loader)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:

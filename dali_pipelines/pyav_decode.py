@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dali_pipelines.bad_input import VideoError
+from .bad_input import VideoError
 
 # A container that declares a duration but whose video packets end before this fraction of it is truncated.
 # (Not 1.0: an audio track may legitimately outlast the video by a little.)
@@ -119,7 +119,7 @@ def read_frames(path: str, indices: np.ndarray, info: VideoInfo) -> np.ndarray:
     """uint8 RGB frames [len(indices), H, W, 3] at the given presentation-order indices (repeats allowed)."""
     av = pyav()
     wanted = np.unique(indices)
-    to_rgb = av.video.reformatter.VideoReformatter()  # reused: converting with a fresh one per frame costs ~7x more on small frames
+    to_rgb = av.video.reformatter.VideoReformatter()  # reused: a fresh one per frame costs ~7x more on small frames
     try:
         frames = None
         if info.frame_pts is not None:

@@ -11,6 +11,13 @@ INTERPRET = triton.knobs.runtime.interpret
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def runs_on(device) -> bool:
+    """Whether the kernels take tensors on `device`: CUDA, or the CPU under the Triton interpreter
+    (TRITON_INTERPRET=1). Where they do not, callers use the PyTorch references."""
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and bool(INTERPRET))
+
+
 def check_tensor(fn, name, t, *, ndim=None, dtypes=FLOAT_DTYPES, device=None):
     """Raise a TypeError/ValueError/RuntimeError naming `fn`, `name` and the offending shape, dtype or device."""
     if not isinstance(t, torch.Tensor):
@@ -21,7 +28,7 @@ def check_tensor(fn, name, t, *, ndim=None, dtypes=FLOAT_DTYPES, device=None):
         raise TypeError(f"{fn}: {name} has dtype {t.dtype}, expected one of {[str(d) for d in dtypes]}")
     if device is not None and t.device != device:
         raise ValueError(f"{fn}: {name} is on {t.device}, expected {device} (the device of the first input)")
-    if not (t.device.type == "cuda" or (t.device.type == "cpu" and INTERPRET)):
+    if not runs_on(t.device):
         raise RuntimeError(
             f"{fn}: {name} is on {t.device}; the Triton kernels run on CUDA tensors, or on CPU tensors only when "
             f"TRITON_INTERPRET=1 is set before triton is imported (use {fn}_reference otherwise)")
@@ -40,12 +47,13 @@ def packed_rows(cu_ptr, idx_ptr, B, N, BLOCK_R: tl.constexpr):
     return rows, row_mask, tok, (seq % B) * N + tok
 
 
-def to_device(values, dtype, device):
-    """A small host list as a tensor on `device`, copied without making the host wait for the device."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: through pinned memory with a non-blocking copy
+    (a copy from pageable memory can stall until the device's queue drains)."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.is_cuda:
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 def pack_indices(fn, idx_list, batch, device):
@@ -65,7 +73,7 @@ def pack_indices(fn, idx_list, batch, device):
         ks.append(idx.shape[1])
     flat = torch.cat([idx.reshape(-1) for idx in idx_list]) if len(ks) > 1 else idx_list[0].reshape(-1)
     lengths = [k for k in ks for _ in range(batch)]
-    cu_seqlens = to_device([0, *itertools.accumulate(lengths)], torch.int32, device)
+    cu_seqlens = to_device(torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32), device)
     return flat.contiguous(), cu_seqlens, ks
 
 

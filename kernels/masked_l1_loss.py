@@ -96,7 +96,7 @@ class _MaskedL1Loss(torch.autograd.Function):
 def masked_l1_loss(pred, target, idx_list, eps=1e-5, loss_exp=1.0):
     """mean over masks i of mean(|pred_i - layer_norm(target)[b, idx_i[b]]|**p) / p, layer-norm without affine.
 
-    pred: [sum_i B*K_i, D] packed like gather_tokens (mask, sample, index); target: [B, N, D] raw target-encoder
+    pred: [sum_i B*K_i, D] packed like pack_tokens (mask, sample, index); target: [B, N, D] raw target-encoder
     output (no grad); idx_list: int64 [B, K_i] per mask; loss_exp p >= 1 (the official default 1.0 is L1).
     Accumulates in fp32 (fp64 for fp64 inputs) and returns a 0-d fp32 (fp64) tensor; gradient flows to pred only,
     with sign(0) = 0 as in torch.

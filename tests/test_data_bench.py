@@ -2,7 +2,7 @@
 import json
 
 from bench.data import main
-from dali_pipelines.choose import dali_installed
+from vjepa_fast.dali_pipelines.choose import dali_installed
 
 
 def test_data_bench_smoke(tmp_path):

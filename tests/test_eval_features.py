@@ -56,7 +56,7 @@ def test_cache_is_reused_across_labelings_and_keyed_by_the_weights(tmp_path):
 def test_unusable_videos_are_skipped_and_named(tmp_path, caplog):
     paths = _videos(tmp_path, 3)
     paths.insert(1, str(tmp_path / "missing.webm"))
-    with caplog.at_level(logging.WARNING, logger="dali_pipelines"):
+    with caplog.at_level(logging.WARNING, logger="vjepa_fast.dali_pipelines"):
         features = cached_features(_encoder(), paths, [0, 1, 2, 3], ViewSpec(4, 2, 16),
                                    cache_dir=str(tmp_path / "c"), progress=False)
     assert features.rows.tolist() == [0, 2, 3] and features.labels.tolist() == [0, 2, 3]

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from dali_pipelines.sampling import centre_square_box, frame_indices
-from dali_pipelines.transform import clip_tensor
+from vjepa_fast.dali_pipelines.sampling import centre_square_box, frame_indices
+from vjepa_fast.dali_pipelines.transform import clip_tensor
 from data_fixtures import write_video
 from vjepa_fast.eval.views import (ViewSpec, image_views, read_image_folder, segment_frame_indices,
                                    spatial_view_boxes, video_views)

@@ -17,9 +17,9 @@ def _model(cfg, dtype=torch.float32, device="cpu"):
     return model
 
 
-def _loss_and_grads(model, clips, enc, pred, path):
+def _loss_and_grads(model, clips, enc, pred, computation):
     model.zero_grad(set_to_none=True)
-    loss = model.loss(clips, enc, pred, path=path)
+    loss = model.loss(clips, enc, pred, computation=computation)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -62,7 +62,7 @@ def test_compiled_fast_path_matches_and_does_not_recompile_per_step():
     for step in range(1, 5):  # new mask draws: new packed token counts every step
         clips, enc, pred = tiny_batch(cfg, step=step, seed=step)
         lengths.add(tuple(m.size(1) for m in enc + pred))
-        model.loss(clips, enc, pred, path="fast").backward()
+        model.loss(clips, enc, pred, computation="fast").backward()
     assert len(lengths) > 1  # the draws really changed the sequence lengths
     assert 0 < graphs_after_first <= 6
     assert counters["stats"]["unique_graphs"] == graphs_after_first  # no recompilation for new lengths
@@ -74,7 +74,7 @@ def test_unsupported_loss_exponent_is_refused_for_the_fast_path():
 
     with pytest.raises(ConfigError, match="loss.loss_exp=0.5"):
         tiny_config("loss.loss_exp=0.5")
-    assert tiny_config("loss.loss_exp=0.5", "meta.path=reference").loss.loss_exp == 0.5
+    assert tiny_config("loss.loss_exp=0.5", "meta.computation=reference").loss.loss_exp == 0.5
 
 
 @pytest.mark.gpu

@@ -105,7 +105,7 @@ def _pretrain(lr: float, momentum: float, steps: int = 40) -> HealthMonitor:
         if monitor.due(step):
             with torch.no_grad():
                 monitor.observe(step, model.target_encoder(batch))
-        loss = model.loss(batch, *masks.gen(8, step, generator=g), path="reference")
+        loss = model.loss(batch, *masks.gen(8, step, generator=g), computation="reference")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import ema_, ema_reference_, flatten_params
+from vjepa_fast.kernels import ema_, ema_reference_, flatten_params
 from helpers import KERNEL_DEVICES as DEVICES
 
 # fp64 buffers with a Python-float momentum get the weight 1 - momentum as a kernel fp32 scalar.

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import masked_l1_loss, masked_l1_loss_reference
+from vjepa_fast.kernels import masked_l1_loss, masked_l1_loss_reference
 from helpers import KERNEL_DEVICES as DEVICES
 from helpers import KERNEL_LARGE_SHAPES as LARGE
 from helpers import KERNEL_SMALL_SHAPES as SMALL

@@ -56,7 +56,7 @@ def test_mask_statistics_match_the_official_code():
         for i in range(2):
             counts[f"enc{i}"].append(enc[i].shape[1])
             counts[f"pred{i}"].append(pred[i].shape[1])
-    # DESIGN section 3, measured on the official code at 224 px / 16 frames / batch 24
+    # docs/design.md section 4: measured on the official code at 224 px / 16 frames / batch 24
     expected = {"enc0": 368, "pred0": 760, "enc1": 112, "pred1": 1120}
     for key, value in expected.items():
         assert statistics.median(counts[key]) == pytest.approx(value, rel=0.10), key

@@ -58,8 +58,8 @@ def test_loss_exp_and_errors():
     model.loss_exp = 1.0
     loss1 = model.loss(clips.double(), enc, pred)
     assert not torch.isclose(loss1, loss2)
-    with pytest.raises(ValueError, match="unknown loss path 'turbo'"):
-        model.loss(clips.double(), enc, pred, path="turbo")
+    with pytest.raises(ValueError, match="unknown loss computation 'turbo'"):
+        model.loss(clips.double(), enc, pred, computation="turbo")
     with pytest.raises(ValueError, match="2 context masks but 1"):
         model.loss(clips.double(), enc, pred[:1])
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vjepa_fast.config import load_config
-from vjepa_fast.model import build_encoder, build_predictor
+from vjepa_fast.models.build import build_encoder, build_predictor
 from vjepa_fast.models import Attention, VisionTransformer, sincos_3d
 
 
@@ -42,7 +42,7 @@ def _official_pos_embed(dim, grid_depth, grid_size, uniform_power):
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    gd, gh, gw = np.arange(grid_depth, dtype=float), np.arange(grid_size, dtype=float), np.arange(grid_size, dtype=float)
+    gd, gh, gw = (np.arange(n, dtype=float) for n in (grid_depth, grid_size, grid_size))
     gh, gd, gw = np.meshgrid(gh, gd, gw)
     if uniform_power:
         hd = wd = dd = int(np.ceil(dim / 6) * 2)

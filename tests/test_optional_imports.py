@@ -35,8 +35,8 @@ def test_pytest_collects_every_module_without_them():
 
 
 def test_the_training_step_and_the_benchmarks_import_none_of_them():
-    modules = ["vjepa_fast.train", "vjepa_fast.step", "vjepa_fast.eval", "vjepa_fast.cli", "bench.step",
-               "bench.profile", "bench.kernels", "bench.official", "bench.summary"]
+    modules = ["vjepa_fast.train", "vjepa_fast.step", "vjepa_fast.eval", "vjepa_fast.cli", "vjepa_fast.bench.step",
+               "vjepa_fast.bench.profile", "bench.kernels", "bench.official", "bench.summary"]
     proc = _python("import importlib, sys\n"
                    f"for name in {modules!r}:\n    importlib.import_module(name)\n"
                    f"print(sorted(name for name in {OPTIONAL!r} if name in sys.modules))")

@@ -12,6 +12,7 @@ import torch
 from helpers import TINY
 from vjepa_fast.checkpoint import load_checkpoint, save_checkpoint
 from vjepa_fast.config import load_config
+from vjepa_fast.errors import RunStopped
 from vjepa_fast.model import VJEPA
 from vjepa_fast.train import train
 
@@ -147,7 +148,7 @@ def test_a_non_finite_step_is_skipped_without_touching_any_state(tiny_dataset, t
 def test_consecutive_non_finite_steps_stop_the_run_with_advice(tiny_dataset, tmp_path, monkeypatch):
     cfg = load_config("demo", _overrides(tiny_dataset, "optimization.max_consecutive_nonfinite=2"))
     _nan_on_steps(monkeypatch, set(range(100)))
-    with pytest.raises(FloatingPointError, match=r"2 consecutive steps .* optimization.lr"):
+    with pytest.raises(RunStopped, match=r"2 consecutive steps .* optimization.lr"):
         train(cfg, tmp_path / "run", max_steps=5, progress=False)
 
 

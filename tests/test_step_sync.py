@@ -20,33 +20,59 @@ from vjepa_fast.train import StepLog
 HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten.allclose")
 
 
+# Tensor methods that hand a tensor's data to the host without an aten op the dispatch mode would see.
+HOST_METHODS = ("tolist", "numpy", "__array__", "cpu")
+
+
 class HostReads(TorchDispatchMode):
-    """Records every op in HOST_READS run inside it."""
+    """Records every op in HOST_READS, and every call of HOST_METHODS, run inside it."""
 
     def __init__(self):
         super().__init__()
         self.seen = []
+        self._saved = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if str(func).startswith(HOST_READS):
             self.seen.append(str(func))
         return func(*args, **(kwargs or {}))
 
+    def __enter__(self):
+        for name in HOST_METHODS:
+            self._saved[name] = original = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._recording(name, original))
+        return super().__enter__()
 
-def test_the_recorder_catches_a_scalar_read():
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
+
+    def _recording(self, name, original):
+        def method(tensor, *args, **kwargs):
+            self.seen.append(f"Tensor.{name}")
+            return original(tensor, *args, **kwargs)
+        return method
+
+
+def test_the_recorder_catches_host_reads():
     target, source, momentum = [torch.ones(3)], [torch.zeros(3)], torch.tensor(0.9)
     with HostReads() as reads:
         torch._foreach_lerp_(target, source, 1.0 - momentum)  # the Scalar overload reads its weight on the host
-    assert reads.seen == ["aten._local_scalar_dense.default"]
+        momentum.tolist()
+        momentum.numpy()
+    assert reads.seen == ["aten._local_scalar_dense.default", "Tensor.tolist", "Tensor.numpy"]
+    momentum.tolist()  # outside: the methods are restored
+    assert len(reads.seen) == 3
 
 
 class StepLoop:
     """The per-step work of train.py's loop, without the loader and the flushes."""
 
-    def __init__(self, cfg, path, device):
-        self.cfg, self.path, self.device = cfg, path, device
+    def __init__(self, cfg, computation, device):
+        self.cfg, self.computation, self.device = cfg, computation, device
         self.model = build_model(cfg, device)
-        self.ema = EMA(self.model, fused=path == "fast")
+        self.ema = EMA(self.model, fused=computation == "fast")
         self.optimizer = build_optimizer(cfg.optimization, self.model.encoder, self.model.predictor)
         self.masks = masks_generator(cfg)
         self.health = HealthMonitor(every=2)
@@ -58,15 +84,15 @@ class StepLoop:
         clips = to_device(self.host_clips, self.device)
         masks_enc, masks_pred = masks or draw_masks(self.masks, self.cfg, step, self.device)
         apply_schedule(self.optimizer, 1e-3, 0.04)
-        result = train_step(self.model, self.optimizer, self.ema, clips, masks_enc, masks_pred, path=self.path,
-                            autocast=autocast_for(self.cfg, self.device), max_norm=1.0, momentum=0.99,
-                            keep_targets=self.health.due(step))
+        result = train_step(self.model, self.optimizer, self.ema, clips, masks_enc, masks_pred,
+                            computation=self.computation, autocast=autocast_for(self.cfg, self.device),
+                            max_norm=1.0, momentum=0.99, keep_targets=self.health.due(step))
         self.log.add(step, result, 1e-3, 0.04, 0.99, 0.0)
 
 
-@pytest.mark.parametrize("path", ["reference", "fast"])
-def test_a_cpu_step_reads_nothing_back_to_the_host(path):
-    loop = StepLoop(tiny_config(), path, torch.device("cpu"))
+@pytest.mark.parametrize("computation", ["reference", "fast"])
+def test_a_cpu_step_reads_nothing_back_to_the_host(computation):
+    loop = StepLoop(tiny_config(), computation, torch.device("cpu"))
     masks = [draw_masks(loop.masks, loop.cfg, step, loop.device) for step in range(3)]  # drawn on the host
     with HostReads() as reads:
         for step in range(3):
@@ -77,10 +103,10 @@ def test_a_cpu_step_reads_nothing_back_to_the_host(path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path,compiled", [("reference", False), ("fast", False), ("fast", True)])
-def test_cuda_steps_never_synchronise(path, compiled):
+@pytest.mark.parametrize("computation,compiled", [("reference", False), ("fast", False), ("fast", True)])
+def test_cuda_steps_never_synchronise(computation, compiled):
     cfg = tiny_config(f"model.compile={str(compiled).lower()}", *SMALL)
-    loop = StepLoop(cfg, path, torch.device("cuda"))
+    loop = StepLoop(cfg, computation, torch.device("cuda"))
     for step in range(2):  # warm-up: compilation, first allocations, library handles
         loop.step(step)
     loop.log.flush()

@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from dali_pipelines import ClipSpec, make_loader, read_dataset_files
+from vjepa_fast.dali_pipelines import ClipSpec, make_loader, read_dataset_files
 from data_fixtures import decode_all
 from vjepa_fast import synthetic
 from vjepa_fast.synthetic import ensure_synthetic_dataset, render_video

@@ -90,10 +90,10 @@ def test_cli_trains_and_reports_errors(tiny_dataset, tmp_path, capsys):
 
 def test_fast_run_tracks_the_reference_run(tiny_dataset, tmp_path):
     runs = {}
-    for path in ("reference", "fast"):
-        cfg = _cfg(tiny_dataset, f"meta.path={path}")
-        train(cfg, tmp_path / path, max_steps=6, progress=False)
-        runs[path] = [loss for _, loss in _losses(tmp_path / path)]
+    for computation in ("reference", "fast"):
+        cfg = _cfg(tiny_dataset, f"meta.computation={computation}")
+        train(cfg, tmp_path / computation, max_steps=6, progress=False)
+        runs[computation] = [loss for _, loss in _losses(tmp_path / computation)]
     deviation = max(abs(a - b) / abs(a) for a, b in zip(runs["reference"], runs["fast"]))
     assert len(runs["fast"]) == 6 and deviation < 1e-4
 

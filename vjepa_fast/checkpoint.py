@@ -1,27 +1,31 @@
-"""Checkpoints: atomic save/load of training state, import of official V-JEPA checkpoints, frozen encoders.
+"""Checkpoints: the layout of our training state (spelled here only), atomic save and load, the official V-JEPA
+format in and out, and frozen encoders from either.
 
-Our format is a dict with `format: "vjepa_fast"`, the three networks' state dicts (`encoder`, `predictor`,
-`target_encoder`), `optimizer`, `step`, `rng` and the resolved `config`. The official format holds
-`encoder` / `predictor` / `target_encoder` state dicts whose keys carry `module.` and `backbone.` prefixes;
-the parameter names below the prefixes are the same as ours.
+Ours is a dict with `format: "vjepa_fast"` and `version`, the three networks' state dicts (`encoder`,
+`predictor`, `target_encoder`), `optimizer`, `step`, `rng`, `health`, `skipped_steps` and the resolved `config`
+(TrainingState). The official format holds `encoder` / `predictor` / `target_encoder` state dicts whose keys carry
+`module.` and `backbone.` prefixes; the parameter names below the prefixes are the same as ours.
 """
 from __future__ import annotations
 
 import os
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
-from torch import nn
 
-from .config import MODEL_SIZES, config_from_dict
+from .config import Config, config_from_dict
+from .errors import UserError
+from .model import NETWORKS
 from .models import VisionTransformer
+from .models.build import build_encoder, encoder_from_weights, load_weights_strict
 
 FORMAT = "vjepa_fast"
-NETWORKS = ("encoder", "predictor", "target_encoder")
+VERSION = 1
 OFFICIAL_PREFIXES = ("module.", "backbone.")
 
 
@@ -47,16 +51,64 @@ def save_checkpoint(state: Mapping, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """The dict a checkpoint file holds (ours or an official one); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated or foreign file: name it
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+        raise UserError(f"cannot read checkpoint {path}: {e}") from e
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+        raise UserError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
     return state
+
+
+def is_ours(state: Mapping) -> bool:
+    return state.get("format") == FORMAT
+
+
+# ---- our training state -------------------------------------------------------------------------
+
+@dataclass
+class TrainingState:
+    """Everything a run needs to continue exactly where it stopped."""
+    step: int
+    config: dict  # the resolved config (Config.to_dict())
+    networks: dict[str, dict]  # NETWORKS -> state dict
+    optimizer: dict
+    rng: dict  # rng_state()
+    health: dict  # HealthMonitor.state_dict()
+    skipped_steps: int  # steps skipped for a non-finite loss or gradient, in all
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "step": self.step, "config": self.config, **self.networks,
+                "optimizer": self.optimizer, "rng": self.rng, "health": self.health,
+                "skipped_steps": self.skipped_steps}
+
+    @classmethod
+    def from_dict(cls, state: Mapping, source: str | Path) -> TrainingState:
+        if not is_ours(state):
+            raise UserError(f"{source} is not a vjepa_fast training checkpoint (an official one? it holds "
+                            f"{sorted(state)[:8]})")
+        missing = [k for k in ("step", "config", *NETWORKS, "optimizer", "rng", "health", "skipped_steps")
+                   if k not in state]
+        if missing:
+            raise UserError(f"{source}: a vjepa_fast checkpoint without {', '.join(missing)}")
+        return cls(state["step"], state["config"], {k: state[k] for k in NETWORKS}, state["optimizer"],
+                   state["rng"], state["health"], state["skipped_steps"])
+
+    @property
+    def cfg(self) -> Config:
+        return config_from_dict(self.config)
+
+
+def save_training_state(state: TrainingState, path: str | Path) -> Path:
+    return save_checkpoint(state.to_dict(), path)
+
+
+def load_training_state(path: str | Path, map_location="cpu") -> TrainingState:
+    return TrainingState.from_dict(load_checkpoint(path, map_location), path)
 
 
 def rng_state() -> dict:
@@ -74,28 +126,7 @@ def set_rng_state(state: Mapping) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---- strict loading -----------------------------------------------------------------------------
-
-def load_state_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
-    """load_state_dict that fails naming every missing, unexpected or mis-shaped key."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    if shapes:
-        problems.append(f"shape mismatches {shapes[:8]}")
-    if problems:
-        raise ValueError(f"cannot load {what}: " + "; ".join(problems))
-    module.load_state_dict(state_dict, strict=True)
-
-
-# ---- official format ---------------------------------------------------------------------------
+# ---- the official format ------------------------------------------------------------------------
 
 def strip_official_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the leading `module.` / `backbone.` prefixes of every key (in any order and number)."""
@@ -120,8 +151,8 @@ def official_networks(state: Mapping, source: str | Path) -> dict:
     """import_official for a checkpoint already in memory (`source` names it in errors)."""
     present = [k for k in NETWORKS if k in state]
     if not present:
-        raise ValueError(f"{source}: no {', '.join(NETWORKS)} entries; not an official V-JEPA checkpoint "
-                         f"(keys: {sorted(state)[:10]})")
+        raise UserError(f"{source}: no {', '.join(NETWORKS)} entries; not an official V-JEPA checkpoint "
+                        f"(keys: {sorted(state)[:10]})")
     out = {k: strip_official_prefixes(state[k]) for k in present}
     for k in ("epoch", "opt", "scaler", "batch_size", "world_size", "lr"):
         if k in state:
@@ -129,48 +160,26 @@ def official_networks(state: Mapping, source: str | Path) -> dict:
     return out
 
 
-def export_official(state: Mapping, path: str | Path) -> Path:
+def networks_of(state: Mapping, source: str | Path) -> dict[str, dict]:
+    """The networks' state dicts (our names) of a checkpoint in memory, ours or official."""
+    if is_ours(state):
+        return {k: state[k] for k in NETWORKS if k in state}
+    return {k: v for k, v in official_networks(state, source).items() if k in NETWORKS}
+
+
+def export_official(state: TrainingState, path: str | Path) -> Path:
     """Write one of our checkpoints in the official layout: `module.backbone.` keys, `opt` (the param groups are
-    in the official order), `epoch` (completed epochs), `loss`, `batch_size`, `world_size`, `lr`, `scaler`."""
-    missing = [k for k in NETWORKS if k not in state]
-    if missing:
-        raise ValueError(f"cannot export: the checkpoint has no {', '.join(missing)}")
-    cfg = state.get("config", {})
+    in the official order), `epoch` (completed epochs), `batch_size`, `world_size`, `lr`, `scaler`."""
+    cfg = state.config
     opt_cfg, data_cfg = cfg.get("optimization", {}), cfg.get("data", {})
-    out = {k: {f"module.backbone.{n}": t for n, t in state[k].items()} for k in NETWORKS}
-    out.update(opt=state.get("optimizer"), scaler=None, epoch=state.get("step", 0) // max(1, opt_cfg.get("ipe", 1)),
-               loss=state.get("loss"), batch_size=data_cfg.get("batch_size"),
+    out = {k: {f"module.backbone.{n}": t for n, t in state.networks[k].items()} for k in NETWORKS}
+    out.update(opt=state.optimizer, scaler=None, epoch=state.step // max(1, opt_cfg.get("ipe", 1)),
+               batch_size=data_cfg.get("batch_size"),
                world_size=(cfg.get("nodes") or 1) * (cfg.get("tasks_per_node") or 1), lr=opt_cfg.get("lr"))
     return save_checkpoint(out, path)
 
 
 # ---- frozen encoders ---------------------------------------------------------------------------
-
-def _encoder_from_state(sd: Mapping[str, torch.Tensor], num_frames: int, num_heads: int | None,
-                        uniform_power: bool) -> VisionTransformer:
-    """Infer the encoder architecture of a state dict (shapes give all but the head count and frame count)."""
-    try:
-        conv = sd["patch_embed.proj.weight"]  # [D, 3, tubelet, patch, patch]
-        pos = sd["pos_embed"]  # [1, N, D]
-    except KeyError as e:
-        raise ValueError(f"state dict has no {e.args[0]!r}: not a V-JEPA encoder") from None
-    dim, _, tubelet, patch, _ = conv.shape
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim
-    if num_heads is None:
-        by_dim = {d: h for d, _, h, _ in MODEL_SIZES.values()}
-        if dim not in by_dim:
-            raise ValueError(f"cannot infer the head count of an encoder of width {dim}: pass num_heads")
-        num_heads = by_dim[dim]
-    grid_depth = num_frames // tubelet
-    grid_size = round((pos.shape[1] / grid_depth) ** 0.5)
-    if grid_depth * grid_size ** 2 != pos.shape[1]:
-        raise ValueError(f"pos_embed has {pos.shape[1]} tokens, not a {grid_depth}x{grid_size}x{grid_size} grid "
-                         f"for num_frames={num_frames}; pass the num_frames the encoder was trained with")
-    return VisionTransformer(img_size=grid_size * patch, num_frames=num_frames, patch_size=patch,
-                             tubelet_size=tubelet, embed_dim=dim, depth=depth, num_heads=num_heads,
-                             mlp_ratio=mlp_ratio, uniform_power=uniform_power)
-
 
 def load_encoder(path: str | Path, key: str = "target_encoder", *, num_frames: int | None = None,
                  num_heads: int | None = None) -> VisionTransformer:
@@ -185,18 +194,14 @@ def load_encoder(path: str | Path, key: str = "target_encoder", *, num_frames: i
 def encoder_from_checkpoint(state: Mapping, source: str | Path, key: str = "target_encoder", *,
                             num_frames: int | None = None, num_heads: int | None = None) -> VisionTransformer:
     """load_encoder for a checkpoint already in memory (`source` names it in errors)."""
-    if key not in NETWORKS or key == "predictor":
-        raise ValueError(f"key must be 'encoder' or 'target_encoder', got {key!r}")
-    if state.get("format") == FORMAT:
-        from .model import build_encoder  # the model module imports this one
-
-        cfg = config_from_dict(state["config"])
-        encoder = build_encoder(cfg)
-        sd = state[key]
+    if key not in ("encoder", "target_encoder"):
+        raise UserError(f"key must be 'encoder' or 'target_encoder', got {key!r}")
+    networks = networks_of(state, source)
+    if key not in networks:
+        raise UserError(f"{source}: no {key!r} entry")
+    if is_ours(state):
+        encoder = build_encoder(config_from_dict(state["config"]))
     else:
-        sd = official_networks(state, source).get(key)
-        if sd is None:
-            raise ValueError(f"{source}: no {key!r} entry")
-        encoder = _encoder_from_state(sd, num_frames or 16, num_heads, uniform_power=True)
-    load_state_strict(encoder, sd, f"{key} from {source}")
+        encoder = encoder_from_weights(networks[key], num_frames or 16, num_heads)
+    load_weights_strict(encoder, networks[key], f"{key} from {source}")
     return encoder.eval().requires_grad_(False)

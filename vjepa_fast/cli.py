@@ -5,7 +5,11 @@ import argparse
 import logging
 import sys
 
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import RunStopped, UserError
+
+# What a user can act on: one line naming the culprit (--debug: the traceback too). Anything else is a bug.
+EXPECTED_ERRORS = (UserError, RunStopped, FileNotFoundError, FileExistsError)
 
 
 def _add_train(sub) -> None:
@@ -73,7 +77,7 @@ def _run_eval(args) -> int:
     from .step import pick_device
 
     if args.train and not args.val:
-        raise ValueError("--train needs --val")
+        raise UserError("--train needs --val")
     device, progress = pick_device(args.device), not args.no_progress
     given = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "batch_size": args.batch_size}
     settings = replace(SYNTHETIC_PROBE if args.benchmark else ProbeSettings(), seed=args.seed,
@@ -149,11 +153,9 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from .checkpoint import export_official, load_checkpoint
+    from .checkpoint import export_official, load_training_state
 
-    state = load_checkpoint(args.checkpoint)
-    if state.get("format") != "vjepa_fast":
-        raise ValueError(f"{args.checkpoint} is not one of our checkpoints (official ones need no export)")
+    state = load_training_state(args.checkpoint)  # official checkpoints need no export: refused, naming the file
     print(f"wrote {export_official(state, args.out)} (official layout: module.backbone.* keys, opt, epoch)")
     return 0
 
@@ -163,7 +165,7 @@ def _add_bench(sub) -> None:
     kinds = p.add_subparsers(dest="bench", required=True)
     step = kinds.add_parser("step", help="time every stage of a training step, reference and fast side by side")
     _add_model_args(step)
-    step.add_argument("--paths", default="reference,fast", help="comma-separated: reference, fast")
+    step.add_argument("--computations", default="reference,fast", help="comma-separated: reference, fast")
     step.add_argument("--backends", default="sdpa", help="comma-separated attention backends: sdpa, xformers, eager")
     step.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
                       help="torch.compile the fast path's blocks: off, on (--compile alone), or both (eager "
@@ -200,11 +202,11 @@ def _bench_config(args, compiled: bool = False):
 def _run_bench(args) -> int:
     from pathlib import Path
 
-    from bench import step
+    from .bench import step
 
     cfg = _bench_config(args)
     reporter = step.Reporter(Path(args.out), f"step_{cfg.name}")
-    result = step.run(cfg, paths=args.paths.split(","), backends=args.backends.split(","),
+    result = step.run(cfg, computations=args.computations.split(","), backends=args.backends.split(","),
                       compile_mode=args.compile, device=args.device, steps=args.steps, warmup=args.warmup,
                       peak_tflops=args.peak_tflops, check_parity=not args.no_parity, on_variant=reporter)
     print()
@@ -225,7 +227,7 @@ def _add_profile(sub) -> None:
 def _run_profile(args) -> int:
     from pathlib import Path
 
-    from bench import profile
+    from .bench import profile
 
     written = profile.run(_bench_config(args, args.compile), Path(args.out), steps=args.steps, device=args.device,
                           memory_snapshot=args.memory_snapshot)
@@ -238,6 +240,7 @@ def _run_profile(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vjepa-fast", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
     sub = parser.add_subparsers(dest="command")
     _add_train(sub)
     _add_data(sub)
@@ -246,12 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     _add_profile(sub)
     _add_export(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere on the line, before or after the command
+    argv = [a for a in argv if a != "--debug"]
     args = parser.parse_args(argv or ["train"])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"train": _run_train, "eval": _run_eval, "data": _run_data, "bench": _run_bench,
                 "profile": _run_profile, "export": _run_export}[args.command](args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:  # each message names the culprit
+    except EXPECTED_ERRORS as e:
+        if debug:
+            raise
         print(f"vjepa-fast: error: {e}", file=sys.stderr)
         return 2
 

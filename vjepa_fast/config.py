@@ -19,26 +19,22 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from .dali_pipelines.choose import LOADERS
+from .errors import UserError
+from .health import COLLAPSE_FRACTION
+from .model import COMPUTATIONS
+from .models.build import MODEL_SIZES
+from .models.packed import ATTENTION_BACKENDS
 
-# name -> (embed_dim, depth, num_heads, mlp_ratio); DESIGN section 3.
-MODEL_SIZES = {
-    "vit_tiny": (192, 12, 3, 4.0),
-    "vit_small": (384, 12, 6, 4.0),
-    "vit_base": (768, 12, 12, 4.0),
-    "vit_large": (1024, 24, 16, 4.0),
-    "vit_huge": (1280, 32, 16, 4.0),
-    "vit_giant": (1408, 40, 16, 48 / 11),
-}
-ATTN_BACKENDS = ("sdpa", "xformers", "eager")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the shipped configs (package data)
+
 DTYPES = ("bfloat16", "float32")  # the compute dtype on CUDA; CPU runs compute in fp32
-LOADERS = ("auto", "dali", "pyav")
-PATHS = ("fast", "reference")
 DATA_PARALLEL = ("ddp", "fsdp")  # how torchrun ranks hold the networks: replicas, or FSDP2 shards
 TRUNCATIONS = ("lowest", "random")
+RENAMED = {"meta.path": "meta.computation"}  # keys of earlier versions: refused, naming the new key
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An invalid configuration value; the message names the key and the value."""
 
 
@@ -97,7 +93,7 @@ class MetaConfig:
     eval_freq: int = 100
     use_sdpa: bool = True
     dtype: str = "bfloat16"
-    path: str = "fast"  # the training step: "fast" (packed masks, fused kernels) or "reference" (official)
+    computation: str = "fast"  # the loss: "fast" (packed masks, fused kernels) or "reference" (the official one)
     data_parallel: str = "ddp"  # under torchrun: "ddp" (replicated networks) or "fsdp" (FSDP2, sharded per block)
 
 
@@ -153,7 +149,7 @@ class LoggingConfig:
     checkpoint_every: int = 200  # steps
     log_every: int = 10  # steps between metric flushes (one host sync each) and progress-bar refreshes
     health_every: int = 25  # steps between measurements of the target features' spreads (collapse monitor; 0: off)
-    collapse_fraction: float = 0.7  # warn when the token spread falls under this fraction of its early value
+    collapse_fraction: float = COLLAPSE_FRACTION  # warn when the token spread falls under this share of its early value
 
 
 @dataclass
@@ -325,14 +321,15 @@ def validate(cfg: Config) -> Config:
         _check(mk.truncation in TRUNCATIONS, f"{p}.truncation", mk.truncation,
                f"choose one of {', '.join(TRUNCATIONS)}")
 
-    _check(cfg.meta.path in PATHS, "meta.path", cfg.meta.path, f"choose one of {', '.join(PATHS)}")
-    _check(cfg.meta.path == "reference" or cfg.loss.loss_exp >= 1, "loss.loss_exp", cfg.loss.loss_exp,
-           "the fused loss needs loss_exp >= 1; use meta.path=reference for smaller exponents")
+    _check(cfg.meta.computation in COMPUTATIONS, "meta.computation", cfg.meta.computation,
+           f"choose one of {', '.join(COMPUTATIONS)}")
+    _check(cfg.meta.computation == "reference" or cfg.loss.loss_exp >= 1, "loss.loss_exp", cfg.loss.loss_exp,
+           "the fused loss needs loss_exp >= 1; use meta.computation=reference for smaller exponents")
     _check(cfg.meta.data_parallel in DATA_PARALLEL, "meta.data_parallel", cfg.meta.data_parallel,
            f"choose one of {', '.join(DATA_PARALLEL)}")
     _check(cfg.meta.dtype in DTYPES, "meta.dtype", cfg.meta.dtype, f"choose one of {', '.join(DTYPES)}")
-    _check(m.attn_backend in ATTN_BACKENDS, "model.attn_backend", m.attn_backend,
-           f"choose one of {', '.join(ATTN_BACKENDS)}")
+    _check(m.attn_backend in ATTENTION_BACKENDS, "model.attn_backend", m.attn_backend,
+           f"choose one of {', '.join(ATTENTION_BACKENDS)}")
     _check(m.use_mask_tokens, "model.use_mask_tokens", m.use_mask_tokens,
            "only the mask-token predictor (the paper's) is supported")
     dim, depth, heads, ratio = cfg.encoder_size
@@ -402,6 +399,9 @@ def config_from_dict(tree: dict, name: str = "config") -> Config:
     tree.setdefault("name", name)
     unknown: list[str] = []
     cfg = _build(Config, tree, "", unknown)
+    for old, new in RENAMED.items():
+        if old in unknown:
+            raise ConfigError(f"{old} was renamed {new}: rename the key in the config")
     if unknown:
         warnings.warn(f"unknown config keys ignored: {', '.join(unknown)}", stacklevel=2)
     return validate(cfg)

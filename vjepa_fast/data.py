@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from dali_pipelines import ClipSpec, make_loader
-
 from .config import Config
+from .dali_pipelines import ClipSpec, make_loader
 
 log = logging.getLogger(__name__)
 

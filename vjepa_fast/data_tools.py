@@ -19,10 +19,11 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from dali_pipelines import read_dataset_files
-from dali_pipelines.bad_input import VideoError
-from dali_pipelines.dali_loader import DALI_CODECS
-from dali_pipelines.pyav_decode import probe_video, read_frames
+from .dali_pipelines import read_dataset_files
+from .dali_pipelines.bad_input import VideoError
+from .dali_pipelines.dali_loader import DALI_CODECS
+from .dali_pipelines.pyav_decode import probe_video, read_frames
+from .errors import UserError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg")
 # Keyframes further apart than a 16x4-frame clip span make every clip decode frames it does not use.
@@ -214,7 +215,7 @@ def dataset_entries(source: str) -> tuple[list[tuple[str, int]], str]:
         raise FileNotFoundError(f"no dataset file or folder at {source}")
     videos = sorted(str(p) for p in Path(source).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
     if not videos:
-        raise ValueError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) under {source}")
+        raise UserError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) under {source}")
     folders = sorted({os.path.dirname(v) for v in videos})
     return [(v, folders.index(os.path.dirname(v))) for v in videos], Path(source).resolve().name
 
@@ -225,9 +226,9 @@ def transcode_dataset(source: str, out_dir: str, *, short_side: int = 256, gop: 
     out_dir/<name>.csv listing the transcoded videos with their labels. Outputs already present are reused, so an
     interrupted run continues; videos that cannot be read are left out and returned as failures."""
     if encoder not in ENCODERS:
-        raise ValueError(f"unknown encoder {encoder!r}: choose one of {', '.join(ENCODERS)}")
+        raise UserError(f"unknown encoder {encoder!r}: choose one of {', '.join(ENCODERS)}")
     if short_side < 2 or gop < 1:
-        raise ValueError(f"short side ({short_side}) must be >= 2 and gop ({gop}) >= 1")
+        raise UserError(f"short side ({short_side}) must be >= 2 and gop ({gop}) >= 1")
     entries, name = dataset_entries(source)
     quality = ENCODERS[encoder][2] if quality is None else quality
     root = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path, _ in entries])
@@ -235,7 +236,7 @@ def transcode_dataset(source: str, out_dir: str, *, short_side: int = 256, gop: 
     for path, _ in entries:
         relative = os.path.splitext(os.path.relpath(os.path.abspath(path), root))[0] + ENCODERS[encoder][1]
         if sources.setdefault(relative, path) != path:
-            raise ValueError(f"{path} and {sources[relative]} would both be transcoded to {relative}")
+            raise UserError(f"{path} and {sources[relative]} would both be transcoded to {relative}")
         targets[path] = relative
     todo = []
     for path, relative in targets.items():

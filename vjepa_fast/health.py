@@ -1,8 +1,8 @@
 """Learning-health monitor: detects partial collapse of the target encoder's features during pretraining.
 
-A falling V-JEPA loss proves nothing by itself (DESIGN section 7): with too high a learning rate for the batch or
-too low an EMA momentum, the features become predictable from the clip's global content, the loss drops fast, and
-the features lose what tells one token of a clip from another. The monitor tracks that directly.
+A falling V-JEPA loss proves nothing by itself (docs/design.md, section 8): with too high a learning rate for the
+batch or too low an EMA momentum, the features become predictable from the clip's global content, the loss drops
+fast, and the features lose what tells one token of a clip from another. The monitor tracks that directly.
 
 Spreads are measured on the regression target, layer_norm(features) without affine (as the loss uses it), so each
 token has zero mean and unit variance over its dims and the spreads are scale-free:
@@ -22,9 +22,10 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("vjepa_fast.health")
+from .model import TARGET_LN_EPS
 
-TARGET_LN_EPS = 1e-5  # the loss target's layer-norm eps (model.py)
+log = logging.getLogger(__name__)
+
 COLLAPSE_FRACTION = 0.7  # the demo's collapsing run crossed it at step 90 (0.6: step 100); the healthy one stayed >0.95
 
 CAUSES = ("the learning rate is too high for the batch size (optimization.lr)",

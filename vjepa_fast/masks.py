@@ -1,4 +1,4 @@
-"""3D multi-block masks (DESIGN section 3), generated for the whole batch at once with tensor ops.
+"""3D multi-block masks (docs/design.md, section 4), generated for the whole batch at once with tensor ops.
 
 Per batch and per mask config one block size (t, h, w) is drawn from a generator seeded by the iteration
 counter; per sample each block's position is uniform. The predicted region is the union of the blocks

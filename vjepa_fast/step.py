@@ -15,10 +15,11 @@ from typing import Callable, ContextManager
 import numpy as np
 import torch
 
-import kernels
-
+from . import kernels
 from .config import Config
 from .distributed import local_tensor, local_value
+from .errors import UserError
+from .kernels import to_device
 from .masks import MaskGenerator
 from .model import VJEPA
 
@@ -29,7 +30,7 @@ def pick_device(name: str | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
@@ -51,15 +52,7 @@ def build_model(cfg: Config, device: torch.device) -> VJEPA:
     seed_everything(cfg.meta.seed)
     with torch.device(device):
         model = VJEPA(cfg)
-    return model.to(device)  # the fixed position tables are computed on the CPU (bit-identical on every device)
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device` without making the host wait: through pinned memory with a non-blocking copy
-    (a copy from pageable memory can stall until the device's queue drains)."""
-    if device.type != "cuda" or t.is_cuda:
-        return t.to(device)
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return model.to(device)  # moves the fixed position tables, computed on the CPU (bit-identical on every device)
 
 
 def masks_generator(cfg: Config) -> MaskGenerator:
@@ -84,7 +77,7 @@ class EMA:
         self.source = list(model.encoder.parameters())
         device = self.source[0].device
         self.flat = None
-        if fused and (device.type == "cuda" or kernels.runs_on_cpu()):
+        if fused and kernels.runs_on(device):
             self.flat = (kernels.flatten_params(model.target_encoder), kernels.flatten_params(model.encoder))
 
     @torch.no_grad()
@@ -122,7 +115,7 @@ class StepResult:
 
 
 def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, ema: EMA, clips: torch.Tensor,
-               masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor], *, path: str, autocast,
+               masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor], *, computation: str, autocast,
                max_norm: float | None, momentum: float, stage: Callable[[str], ContextManager] | None = None,
                keep_targets: bool = False) -> StepResult:
     """One optimisation step: loss, backward, per-module gradient norms (clipped when `max_norm` is set), AdamW,
@@ -132,7 +125,9 @@ def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, ema: EMA, clips: 
     `keep_targets` returns the target features the loss used (for the health monitor)."""
     stage = stage or (lambda name: contextlib.nullcontext())
     with autocast:
-        loss, targets = model.loss(clips, masks_enc, masks_pred, path=path, stage=stage, return_targets=True)
+        out = model.loss(clips, masks_enc, masks_pred, computation=computation, stage=stage,
+                         return_targets=keep_targets)  # targets kept alive through the backward only when asked
+    loss, targets = out if keep_targets else (out, None)
     with stage("backward"):
         loss.backward()
     with stage("optimizer"):
@@ -145,4 +140,4 @@ def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, ema: EMA, clips: 
     with stage("ema"):
         # momentum 1 leaves the target encoder as it was; fp64 as the schedule computed it, made on the device
         ema(torch.where(finite, torch.full((), momentum, dtype=torch.float64, device=finite.device), 1.0))
-    return StepResult(loss.detach(), norm_enc, norm_pred, finite, targets if keep_targets else None)
+    return StepResult(loss.detach(), norm_enc, norm_pred, finite, targets)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from dali_pipelines.pyav_decode import pyav
+from .dali_pipelines.pyav_decode import pyav
 
 VERSION = 1  # bump when the generative model changes: the cache folder name changes with it
 FPS = 16

@@ -1,4 +1,4 @@
-"""The V-JEPA pretraining loop: data -> masks -> loss -> AdamW -> EMA, with a run directory that survives crashes.
+"""The V-JEPA pretraining run: the loop around step.train_step, the run directory, metrics, checkpoints, signals.
 
 Every source of randomness inside the loop (the data stream, the mask positions) is a pure function of
 (seed, step), so a run resumed from a checkpoint replays exactly the steps an uninterrupted run takes. A step with
@@ -18,19 +18,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dali_pipelines import SKIP_REASONS
-
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .config import Config, save_config
+from .dali_pipelines import SKIP_REASONS
 from .data import build_train_loader, dataset_paths
+from .errors import RunStopped
 from .health import HealthMonitor, spreads
-from .model import VJEPA
+from .model import NETWORKS, VJEPA
 from .models.vit import Block
 from .optim import Schedule, apply_schedule, build_optimizer
 from .run_log import MetricsLog, plot_loss
-from .step import EMA, StepResult, autocast_for, build_model, draw_masks, masks_generator, pick_device, to_device, \
-    train_step
+from .step import (EMA, StepResult, autocast_for, build_model, draw_masks, masks_generator, pick_device, to_device,
+                   train_step)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class RunDir:
         self.latest = self.root / "checkpoints" / "latest.pt"
 
 
-OOM_ADVICE = ("lower data.batch_size, set model.activation_checkpointing=true, use meta.path=fast (one packed "
+OOM_ADVICE = ("lower data.batch_size, set model.activation_checkpointing=true, use meta.computation=fast (one packed "
               "pass for all masks), or train at a smaller data.crop_size / data.num_frames")
 
 
@@ -178,8 +178,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     try:
         return _train(cfg, run, resume, dev, max_steps, progress and env.is_main, env)
     except torch.OutOfMemoryError as e:
-        raise RuntimeError(f"out of memory with data.batch_size={cfg.data.batch_size} on {dev}: {OOM_ADVICE}. "
-                           f"The last checkpoint ({run.latest}) is intact.") from e
+        raise RunStopped(f"out of memory with data.batch_size={cfg.data.batch_size} on {dev}: {OOM_ADVICE}. "
+                         f"The last checkpoint ({run.latest}) is intact.") from e
     finally:
         if file_log is not None:
             logging.getLogger().removeHandler(file_log)
@@ -199,10 +199,10 @@ def wrap_for_data_parallel(model: VJEPA, cfg: Config, env: dist_utils.DistEnv, d
     FSDP: all three networks are sharded block by block alike, so the EMA is a `_foreach_lerp_` over matching
     local shards (flat buffers cannot hold FSDP's sharded parameters)."""
     if uses_fsdp(cfg, env):
-        for name in ckpt.NETWORKS:
+        for name in NETWORKS:
             dist_utils.wrap_fsdp(getattr(model, name), Block, block_methods=("forward_packed",))
         return EMA(model, fused=False)
-    ema = EMA(model, fused=cfg.meta.path == "fast")
+    ema = EMA(model, fused=cfg.meta.computation == "fast")
     if env.enabled:
         model.encoder = dist_utils.wrap_ddp(model.encoder, device)
         model.predictor = dist_utils.wrap_ddp(model.predictor, device)
@@ -218,40 +218,37 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
     health = HealthMonitor(cfg.logging.health_every, cfg.logging.collapse_fraction)
 
     start, skipped_total = 0, 0
-    optimizer_state = None
+    resumed = None
     if resume:
-        state = ckpt.load_checkpoint(run.latest, map_location=device)
-        model.load_networks(state)
-        optimizer_state = state["optimizer"]
-        ckpt.set_rng_state(state["rng"])
-        health.load_state_dict(state["health"])
-        start, skipped_total = state["step"], state["skipped_steps"]
+        resumed = ckpt.load_training_state(run.latest, map_location=device)
+        model.load_networks(resumed.networks)
+        ckpt.set_rng_state(resumed.rng)
+        health.load_state_dict(resumed.health)
+        start, skipped_total = resumed.step, resumed.skipped_steps
         log.info("resumed %s at step %d", run.latest, start)
     elif cfg.meta.load_checkpoint and cfg.meta.read_checkpoint:
         source = cfg.meta.read_checkpoint
-        state = ckpt.load_checkpoint(source)
-        model.load_networks(state if state.get("format") == ckpt.FORMAT else ckpt.official_networks(state, source))
+        model.load_networks(ckpt.networks_of(ckpt.load_checkpoint(source), source))
         log.info("initialised the networks from %s", source)
     ema = wrap_for_data_parallel(model, cfg, env, device)  # after loading: FSDP shards the loaded weights
     optimizer = build_optimizer(cfg.optimization, model.encoder, model.predictor, fused=True)
-    if optimizer_state is not None and fsdp:
-        dist_utils.load_full_optimizer_state(model, optimizer, optimizer_state)
-    elif optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    if resumed is not None and fsdp:
+        dist_utils.load_full_optimizer_state(model, optimizer, resumed.optimizer)
+    elif resumed is not None:
+        optimizer.load_state_dict(resumed.optimizer)
 
     def save(step: int) -> None:
         if fsdp:  # full state dicts gathered to rank 0: the same checkpoint format as DDP and one process
-            networks = {name: dist_utils.full_model_state(getattr(model, name)) for name in ckpt.NETWORKS}
+            networks = {name: dist_utils.full_model_state(getattr(model, name)) for name in NETWORKS}
             optimizer_saved = dist_utils.full_optimizer_state(model, optimizer)
         else:
-            dist_utils.assert_replicas_equal({name: model.unwrapped(name) for name in ckpt.NETWORKS}, env)
-            networks = {name: model.unwrapped(name).state_dict() for name in ckpt.NETWORKS}
+            dist_utils.assert_replicas_equal({name: model.unwrapped(name) for name in NETWORKS}, env)
+            networks = {name: model.unwrapped(name).state_dict() for name in NETWORKS}
             optimizer_saved = optimizer.state_dict()
         if env.is_main:
-            ckpt.save_checkpoint({"format": ckpt.FORMAT, "version": 1, "step": step, "config": cfg.to_dict(),
-                                  **networks, "optimizer": optimizer_saved, "rng": ckpt.rng_state(),
-                                  "health": health.state_dict(), "skipped_steps": pending.skipped_total},
-                                 run.latest)
+            ckpt.save_training_state(ckpt.TrainingState(step, cfg.to_dict(), networks, optimizer_saved,
+                                                        ckpt.rng_state(), health.state_dict(),
+                                                        pending.skipped_total), run.latest)
         dist_utils.barrier(env)
 
     if env.is_main:
@@ -288,9 +285,9 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
                 apply_schedule(optimizer, lr, wd)
                 max_norm = cfg.optimization.clip_grad if step >= clip_after else None
                 momentum = schedule.momentum(step)
-                result = train_step(model, optimizer, ema, clips, masks_enc, masks_pred, path=cfg.meta.path,
-                                    autocast=autocast_for(cfg, device), max_norm=max_norm, momentum=momentum,
-                                    keep_targets=health.due(step))
+                result = train_step(model, optimizer, ema, clips, masks_enc, masks_pred,
+                                    computation=cfg.meta.computation, autocast=autocast_for(cfg, device),
+                                    max_norm=max_norm, momentum=momentum, keep_targets=health.due(step))
                 pending.add(step, result, lr, wd, momentum, t_data)
                 step += 1
                 bar.update(1)
@@ -332,7 +329,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
 def _check_skipped(pending: StepLog, cfg: Config, run: RunDir) -> None:
     limit = cfg.optimization.max_consecutive_nonfinite
     if pending.skipped_in_a_row >= limit:
-        raise FloatingPointError(
+        raise RunStopped(
             f"{pending.skipped_in_a_row} consecutive steps (last: {pending.last_skipped}) had a non-finite loss or "
             f"gradient and were skipped; the weights are those before them and {run.latest} is intact. Try a lower "
             f"optimization.lr, gradient clipping from the start (optimization.clip_grad with a shorter warmup), "

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dali_pipelines.bad_input import SkipTracker, VideoError
-from dali_pipelines.loader import worker_context
-
+from ..dali_pipelines.bad_input import SkipTracker, VideoError
+from ..dali_pipelines.loader import iterate, worker_context
+from ..errors import UserError
 from ..models import VisionTransformer
 from ..synthetic import default_cache_dir
 from .views import ViewSpec, image_views, video_views
@@ -59,9 +59,9 @@ def encoder_for_frames(encoder: VisionTransformer, num_frames: int) -> VisionTra
     if num_frames == encoder.num_frames:
         return encoder
     if num_frames > encoder.num_frames or num_frames % encoder.tubelet_size:
-        raise ValueError(f"clips of {num_frames} frames need an encoder of at least that many frames and a tubelet "
-                         f"that divides it; this encoder takes {encoder.num_frames} frames, tubelet "
-                         f"{encoder.tubelet_size}")
+        raise UserError(f"clips of {num_frames} frames need an encoder of at least that many frames and a tubelet "
+                        f"that divides it; this encoder takes {encoder.num_frames} frames, tubelet "
+                        f"{encoder.tubelet_size}")
     blk = encoder.blocks[0]
     short = VisionTransformer(img_size=encoder.img_size, num_frames=num_frames, patch_size=encoder.patch_size,
                               tubelet_size=encoder.tubelet_size, embed_dim=encoder.embed_dim, depth=len(encoder.blocks),
@@ -115,7 +115,8 @@ def extract(encoder: VisionTransformer, paths: Sequence[str], spec: ViewSpec, ki
     skips = SkipTracker(tuple(paths))
     usable = np.zeros(len(paths), dtype=bool)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for batch in tqdm(loader, desc=f"features ({kind})", unit="batch", disable=not progress, dynamic_ncols=True):
+    for batch in tqdm(iterate(loader), total=len(loader), desc=f"features ({kind})", unit="batch",
+                      disable=not progress, dynamic_ncols=True):
         skips.record([attempt for _, _, attempt in batch])
         good = [(index, views) for index, views, _ in batch if views is not None]
         if not good:
@@ -142,9 +143,9 @@ def cached_features(encoder: VisionTransformer, paths: Sequence[str], labels: Se
     if len(paths) != len(labels):
         raise ValueError(f"got {len(paths)} paths but {len(labels)} labels")
     if spec.crop_size != encoder.img_size:
-        raise ValueError(f"crop size {spec.crop_size} differs from the encoder's input size {encoder.img_size}")
+        raise UserError(f"crop size {spec.crop_size} differs from the encoder's input size {encoder.img_size}")
     if kind == "image" and spec.num_segments != 1:
-        raise ValueError(f"images have one segment, got num_segments={spec.num_segments}")
+        raise UserError(f"images have one segment, got num_segments={spec.num_segments}")
     key = json.dumps({"version": CACHE_VERSION, "encoder": weights_digest(encoder), "kind": kind,
                       "spec": asdict(spec), "paths": [os.path.abspath(p) for p in paths]}, sort_keys=True)
     name = hashlib.sha256(key.encode()).hexdigest()[:20]

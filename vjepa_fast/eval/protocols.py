@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..errors import UserError
 from ..optim import param_groups
 from .features import FeatureSet
 from .probe import build_probe
@@ -84,10 +85,10 @@ def fit_probe(name: str, train: FeatureSet, val: FeatureSet, *, num_classes: int
     """Train probe `name` on `train` for settings.epochs, evaluating `val` after each epoch (rows to `csv_path`)."""
     device = torch.device(device)
     if len(train) == 0 or len(val) == 0:
-        raise ValueError(f"need train and val samples; got {len(train)} usable train and {len(val)} val items")
+        raise UserError(f"need train and val samples; got {len(train)} usable train and {len(val)} val items")
     bad = [int(x) for x in np.concatenate([train.labels, val.labels]) if not 0 <= x < num_classes]
     if bad:
-        raise ValueError(f"labels {sorted(set(bad))[:5]} outside [0, {num_classes})")
+        raise UserError(f"labels {sorted(set(bad))[:5]} outside [0, {num_classes})")
     torch.manual_seed(settings.seed)
     probe = build_probe(name, train.dim, num_heads, num_classes).to(device)
     optimizer = torch.optim.AdamW(param_groups(probe), lr=settings.lr, weight_decay=settings.weight_decay)

@@ -9,9 +9,8 @@ from typing import Sequence
 
 import torch
 
-from dali_pipelines import read_dataset_files
-
 from .. import checkpoint as ckpt
+from ..dali_pipelines import read_dataset_files
 from ..models import VisionTransformer
 from ..models.vit import init_weights
 from .features import FeatureSet, cached_features
@@ -36,11 +35,11 @@ def load_frozen(path: str, key: str = "target_encoder", *, num_frames: int | Non
     """The frozen `key` encoder of one of our checkpoints or an official one (see checkpoint.load_encoder)."""
     state = ckpt.load_checkpoint(path)
     encoder = ckpt.encoder_from_checkpoint(state, path, key, num_frames=num_frames, num_heads=num_heads)
-    ours = state.get("format") == ckpt.FORMAT
+    ours = ckpt.TrainingState.from_dict(state, path) if ckpt.is_ours(state) else None
     p = Path(path).resolve()
     name = p.parent.parent.name if p.parent.name == "checkpoints" else p.stem
-    return FrozenEncoder(encoder, state["config"]["data"]["sampling_rate"] if ours else OFFICIAL_SAMPLING_RATE,
-                         state["step"] if ours else None, name, str(path))
+    return FrozenEncoder(encoder, ours.cfg.data.sampling_rate if ours else OFFICIAL_SAMPLING_RATE,
+                         ours.step if ours else None, name, str(path))
 
 
 def random_init_like(encoder: VisionTransformer, seed: int = 0) -> VisionTransformer:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dali_pipelines.bad_input import VideoError
-from dali_pipelines.pyav_decode import probe_video, read_frames
-from dali_pipelines.sampling import frame_indices
-from dali_pipelines.transform import clip_tensor
+from ..dali_pipelines.bad_input import VideoError
+from ..dali_pipelines.pyav_decode import probe_video, read_frames
+from ..dali_pipelines.sampling import frame_indices
+from ..dali_pipelines.transform import clip_tensor
+from ..errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -103,7 +104,7 @@ def read_image_folder(root: str, split: str, classes: list[str] | None = None) -
     classes = classes or found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f"{folder} has classes {unknown} that the train split does not have")
+        raise UserError(f"{folder} has classes {unknown} that the train split does not have")
     paths, labels = [], []
     for label, name in enumerate(classes):
         directory = os.path.join(folder, name)
@@ -113,5 +114,5 @@ def read_image_folder(root: str, split: str, classes: list[str] | None = None) -
         paths += [os.path.join(directory, f) for f in files]
         labels += [label] * len(files)
     if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}/<class>/")
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}/<class>/")
     return paths, labels, classes

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import kernels
+from .. import kernels
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -21,15 +21,15 @@ except ImportError:  # torch builds without variable-length attention
     varlen_attn = None
 
 
-BACKENDS = ("sdpa", "xformers", "eager")
+ATTENTION_BACKENDS = ("sdpa", "xformers", "eager")  # sdpa (SDPA / varlen), xformers, eager (plain math)
 
 
 def kernel_ops(device: torch.device):
-    """(gather_tokens, masked_l1_loss): the Triton kernels where they run (CUDA, or the Triton interpreter),
+    """(pack_tokens, masked_l1_loss): the Triton kernels where they run (CUDA, or the Triton interpreter),
     their PyTorch references elsewhere."""
-    if device.type == "cuda" or kernels.runs_on_cpu():
-        return kernels.gather_tokens, kernels.masked_l1_loss
-    return kernels.gather_tokens_reference, kernels.masked_l1_loss_reference
+    if kernels.runs_on(device):
+        return kernels.pack_tokens, kernels.masked_l1_loss
+    return kernels.pack_tokens_reference, kernels.masked_l1_loss_reference
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,14 @@ def _cu_seqlens(layout: PackedLayout, device: torch.device) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def check_backend(backend: str) -> None:
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r} (choose {', '.join(ATTENTION_BACKENDS)})")
+
+
 def attend_dense(q, k, v, backend: str):
     """q, k, v [S, H, L, hd] -> [S, H, L, hd]: the plain math ("eager") or SDPA (flash / cuDNN on GPU)."""
+    check_backend(backend)
     if backend == "eager":
         return (q @ k.transpose(-2, -1) * q.size(-1) ** -0.5).softmax(dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v)
@@ -78,8 +84,7 @@ def packed_attention(qkv: torch.Tensor, layout: PackedLayout, num_heads: int, ba
     C = C3 // 3
     hd = C // num_heads
     qkv = qkv.view(T, 3, num_heads, hd)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r} (choose {', '.join(BACKENDS)})")
+    check_backend(backend)
     if backend != "eager" and len(layout.groups) > 1:
         if backend == "xformers":
             return _xformers_attention(qkv, layout).reshape(T, C)

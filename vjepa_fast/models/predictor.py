@@ -37,11 +37,12 @@ class Predictor(nn.Module):
         for blk in self.predictor_blocks:
             blk.attn.backend = backend
 
-    def forward(self, z, masks_ctx: list[torch.Tensor], masks_tgt: list[torch.Tensor], path: str = "reference"):
+    def forward(self, z, masks_ctx: list[torch.Tensor], masks_tgt: list[torch.Tensor],
+                computation: str = "reference"):
         """Predictions at every mask's target tokens. Reference: z a list of [B, Kc_i, D] context features, one
         predictor pass per mask -> list of [B, Kt_i, D]. Fast: z packed [sum_i B*Kc_i, D] (order: mask, sample,
         index), one pass over all masks -> [sum_i B*Kt_i, D] in the same order."""
-        if path == "fast":
+        if computation == "fast":
             return self._forward_fast(z, masks_ctx, masks_tgt)
         return [self._forward_reference(zi, mc, mt, i) for i, (zi, mc, mt) in enumerate(zip(z, masks_ctx, masks_tgt))]
 

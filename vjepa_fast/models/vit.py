@@ -1,4 +1,4 @@
-"""Video ViT encoder (DESIGN section 3): 3D patch embed, fixed sin-cos positions, pre-norm blocks.
+"""Video ViT encoder (docs/design.md, section 4): 3D patch embed, fixed sin-cos positions, pre-norm blocks.
 
 Parameter names follow the official V-JEPA code, so official checkpoints load after stripping their
 `module.` / `backbone.` prefixes.
@@ -36,8 +36,6 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.backend not in packed.BACKENDS:
-            raise ValueError(f"unknown attention backend {self.backend!r} (choose {', '.join(packed.BACKENDS)})")
         out = packed.attend_dense(q, k, v, self.backend)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
@@ -143,16 +141,17 @@ class VisionTransformer(nn.Module):
             blk.attn.backend = backend
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | list[torch.Tensor] | None = None,
-                path: str = "reference"):
+                computation: str = "reference"):
         """Features of clips x [B, 3, T, H, W].
 
         masks None: all tokens [B, N, D]. One int64 [B, K] mask: the kept tokens [B, K, D]. A list of masks:
-        reference path, one pass per mask (as the official multi-mask wrapper) -> list of [B, K_i, D]; fast path,
-        one patch embedding, one fused gather and one pass over the packed masks -> [sum_i B*K_i, D] (order: mask,
-        sample, index). Everything goes through forward() so that DDP / FSDP wrappers see it.
+        reference computation, one pass per mask (as the official multi-mask wrapper) -> list of [B, K_i, D]; fast
+        computation, one patch embedding, one fused packing of every mask's tokens and one pass over them ->
+        [sum_i B*K_i, D] (order: mask, sample, index). Everything goes through forward() so that DDP / FSDP
+        wrappers see it.
         """
         self._check_clips(x)
-        if path == "fast":
+        if computation == "fast":
             return self._forward_fast(x, masks)
         if isinstance(masks, (list, tuple)):
             return [self._forward_reference(x, m) for m in masks]
@@ -175,8 +174,8 @@ class VisionTransformer(nn.Module):
             layout = packed.PackedLayout.uniform(B, [N])
         else:
             masks = [masks] if isinstance(masks, torch.Tensor) else list(masks)
-            gather, _ = packed.kernel_ops(x.device)
-            x = gather(tokens, masks, pos=self.pos_embed[0])[0].to(tokens.dtype)
+            pack, _ = packed.kernel_ops(x.device)
+            x = pack(tokens, masks, pos=self.pos_embed[0])[0].to(tokens.dtype)
             layout = packed.PackedLayout.uniform(B, [m.size(1) for m in masks])
         x = run_blocks_packed(self.blocks, x, layout, compiled=self.compiled,
                               activation_checkpointing=self.activation_checkpointing)

@@ -1,20 +1,22 @@
 """Per-stage iteration time, throughput, peak memory and MFU of the training step, reference and fast side by side.
 
-    vjepa-fast bench step --config vitl16 --batch 24 [--paths reference,fast] [--backends sdpa,xformers]
+    vjepa-fast bench step --config vitl16 --batch 24 [--computations reference,fast] [--backends sdpa,xformers]
                           [--compile off|on|both]
 
-Each variant (path, attention backend, compiled or not) builds its networks on the device and runs the training
-step that train.py runs (vjepa_fast.step.train_step) on synthetic clips held in pinned host memory, as the loader
-hands them over. What `ms/iter` is: the median over the timed steps of the device time from the start of a
-step's host-to-device copy (clips and masks, non-blocking) to the end of its EMA update, with the timed steps run
-back to back without a synchronisation between them, as in training. The masks of the next step are drawn on the
-CPU meanwhile: their host time is reported beside ms/iter, not in it (the device does not wait for them unless
-the host falls behind, which the `gaps` column, window time per step minus ms/iter, would show). Stages are timed
-with CUDA events (perf_counter on CPU); `other` is ms/iter minus the stages (launch gaps inside the step).
+Each variant (computation, attention backend, compiled or not) builds its networks on the device and runs the
+training step that train.py runs (vjepa_fast.step.train_step) on synthetic clips held in pinned host memory, as
+the loader hands them over. What `ms/iter` is: the timed steps run back to back without a synchronisation
+between them, as in training, and ms/iter is the time from the start of the first one's host-to-device copy
+(clips and masks, non-blocking) to the end of the last one's EMA update, divided by their number: the throughput
+training gets. The masks of the next step are drawn on the host meanwhile; their host time is reported beside
+ms/iter (`masks ms (host)`), and counts in it only where the device had to wait for the host, which `gaps ms`
+(ms/iter minus the mean device time of a step) shows. Stages are timed with CUDA events (perf_counter on CPU);
+`other` is ms/iter minus the stages' medians (launch gaps, waits for the host).
 
 Beside the speed, the parity of each fast variant with the reference on one batch (loss and worst relative
 gradient error), so no speed-up is reported without evidence that it computes the same thing. MFU divides the
-analytic model FLOPs (bench/flops.py) by the step time and by a peak that is measured (a large matmul in the
+analytic model FLOPs (vjepa_fast/bench/flops.py; their table per network, linear vs attention, is printed too,
+for the timed steps' masks) by the step time and by a peak that is measured (a large matmul in the
 compute dtype) or given. Each variant's row is printed and written (JSON, stacked-bar PNG) as soon as it is
 measured; a variant that fails is recorded with its error and the others go on.
 """
@@ -32,14 +34,14 @@ from pathlib import Path
 
 import torch
 
-from bench.ceilings import matmul_tflops
-from bench.flops import step_flops
-from bench.report import write_results
-from vjepa_fast.config import Config
-from vjepa_fast.model import STAGES
-from vjepa_fast.optim import build_optimizer
-from vjepa_fast.step import (EMA, autocast_for, build_model, draw_masks, masks_generator, pick_device, to_device,
-                             train_step)
+from ..config import Config
+from ..errors import UserError
+from ..model import STAGES
+from ..optim import build_optimizer
+from ..step import EMA, autocast_for, build_model, draw_masks, masks_generator, pick_device, to_device, train_step
+from .ceilings import matmul_tflops
+from .flops import StepFlops, mean_flops, step_flops
+from .report import write_results
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,8 @@ class StageTimer:
 
     def collect(self) -> tuple[list[dict[str, float]], float]:
         """(milliseconds per stage of every step since the last collect, milliseconds from the start of the first
-        of them to the end of the last), after one synchronisation. Stages may nest; a step's outermost stage ends
-        last, so it is the step's last mark."""
+        of them to the end of the last: on the CPU, the sum of the steps), after one synchronisation. Stages may
+        nest; a step's outermost stage ends last, so it is the step's last mark."""
         if self.cuda:
             torch.cuda.synchronize()
         elapsed = (lambda a, b: a.elapsed_time(b)) if self.cuda else (lambda a, b: (b - a) * 1e3)
@@ -91,19 +93,23 @@ class StageTimer:
             for name, start, end in marks:
                 ms[name] = ms.get(name, 0.0) + elapsed(start, end)
             out.append(ms)
-        window = elapsed(self.steps[0][-1][1], self.steps[-1][-1][2]) if self.steps else 0.0
+        if self.cuda:
+            window = elapsed(self.steps[0][-1][1], self.steps[-1][-1][2]) if self.steps else 0.0
+        else:  # the CPU cannot overlap the host's work between steps with a step: count the steps alone
+            window = sum(elapsed(marks[-1][1], marks[-1][2]) for marks in self.steps)
         self.steps = []
         return out, window
 
 
 @dataclass
 class Variant:
-    path: str
+    computation: str
     backend: str
     compiled: bool = False
     stages_ms: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in ALL_STAGES})  # medians
-    step_ms: float = 0.0  # median device time of one step (the module docstring says what it holds)
-    gaps_ms: float = 0.0  # window time per step minus step_ms: the device waiting for the host between steps
+    step_ms: float = 0.0  # ms/iter: the timed window over the number of steps (the module docstring says more)
+    device_step_ms: float = 0.0  # median device time of one step, from its copy to its EMA
+    gaps_ms: float = 0.0  # step_ms minus the mean device time of a step: the device waiting for the host
     masks_host_ms: float = 0.0  # median host time to draw one step's masks (overlapped in training)
     clips_per_s: float = 0.0
     tflops: float = 0.0
@@ -113,11 +119,12 @@ class Variant:
     first_step_s: float = 0.0  # the first step, compilation included
     loss_rel_err: float | None = None  # vs the reference, on one batch
     grad_rel_err: float | None = None
+    parity_error: str | None = None  # why the parity check failed (the timing stands)
     error: str | None = None  # why this variant could not run (e.g. a backend not built for this torch)
 
     @property
     def label(self) -> str:
-        return f"{self.path}{' compiled' if self.compiled else ''}"
+        return f"{self.computation}{' compiled' if self.compiled else ''}"
 
 
 def variant_config(cfg: Config, compiled: bool) -> Config:
@@ -128,11 +135,11 @@ class SyntheticSteps:
     """Training steps of `cfg` on synthetic clips in pinned host memory, every stage timed (what bench and profile
     run): the loop of train.py without the loader."""
 
-    def __init__(self, cfg: Config, path: str, backend: str, device: torch.device):
-        self.cfg, self.path, self.device = cfg, path, device
+    def __init__(self, cfg: Config, computation: str, backend: str, device: torch.device):
+        self.cfg, self.computation, self.device = cfg, computation, device
         self.model = build_model(cfg, device)
         self.model.set_attn_backend(backend)
-        self.ema = EMA(self.model, fused=path == "fast")
+        self.ema = EMA(self.model, fused=computation == "fast")
         self.optimizer = build_optimizer(cfg.optimization, self.model.encoder, self.model.predictor, fused=True)
         self.masks = masks_generator(cfg)
         d = cfg.data
@@ -141,7 +148,7 @@ class SyntheticSteps:
         self.host_clips = clips.pin_memory() if device.type == "cuda" else clips
         self.timer = StageTimer(device)
 
-    def run(self, i: int) -> tuple[float, float]:
+    def run(self, i: int) -> tuple[float, StepFlops]:
         """Queue step i (timed by self.timer; nothing waits for the device): (host ms drawing its masks, model
         FLOPs of its masks)."""
         t0 = time.perf_counter()
@@ -152,18 +159,19 @@ class SyntheticSteps:
             with self.timer.stage("h2d"):
                 clips = to_device(self.host_clips, self.device)
                 enc, pred = ([to_device(m, self.device) for m in ms] for ms in masks)
-            train_step(self.model, self.optimizer, self.ema, clips, enc, pred, path=self.path,
+            train_step(self.model, self.optimizer, self.ema, clips, enc, pred, computation=self.computation,
                        autocast=autocast_for(self.cfg, self.device), max_norm=self.cfg.optimization.clip_grad,
                        momentum=0.999, stage=self.timer.stage)
-        return masks_ms, step_flops(self.cfg, [m.size(1) for m in enc], [m.size(1) for m in pred]).total
+        return masks_ms, step_flops(self.cfg, [m.size(1) for m in enc], [m.size(1) for m in pred])
 
 
-def time_variant(cfg: Config, v: Variant, device: torch.device, steps: int, warmup: int) -> None:
-    """Fill `v`'s timings: build, `warmup` steps (the first one timed on its own: compilation), `steps` timed."""
+def time_variant(cfg: Config, v: Variant, device: torch.device, steps: int, warmup: int) -> StepFlops:
+    """Fill `v`'s timings: build, `warmup` steps (the first one timed on its own: compilation), `steps` timed.
+    Returns the mean model FLOPs of the timed steps."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    runner = SyntheticSteps(variant_config(cfg, v.compiled), v.path, v.backend, device)
+    runner = SyntheticSteps(variant_config(cfg, v.compiled), v.computation, v.backend, device)
     v.build_s = time.perf_counter() - t0
     for i in range(warmup):
         t0 = time.perf_counter()
@@ -178,15 +186,17 @@ def time_variant(cfg: Config, v: Variant, device: torch.device, steps: int, warm
         flops.append(step_flop)
     per_step, window = runner.timer.collect()
     step_times = [m["step"] for m in per_step]
-    v.step_ms = statistics.median(step_times)
+    v.step_ms = window / len(per_step)
+    v.device_step_ms = statistics.median(step_times)
     v.stages_ms = {s: statistics.median(m.get(s, 0.0) for m in per_step) for s in ALL_STAGES if s != "other"}
     v.stages_ms["other"] = max(0.0, v.step_ms - sum(v.stages_ms.values()))
-    v.gaps_ms = max(0.0, window / len(per_step) - statistics.mean(step_times))
+    v.gaps_ms = max(0.0, v.step_ms - statistics.mean(step_times))
     v.masks_host_ms = statistics.median(host_ms)
     v.clips_per_s = cfg.data.batch_size / (v.step_ms / 1e3)
-    v.tflops = sum(flops) / (sum(step_times) / 1e3) / 1e12
+    v.tflops = sum(f.total for f in flops) / (window / 1e3) / 1e12
     if device.type == "cuda":
         v.peak_mem_gb = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return mean_flops(flops)
 
 
 def parity(cfg: Config, backend: str, device: torch.device) -> tuple[float, float]:
@@ -198,27 +208,27 @@ def parity(cfg: Config, backend: str, device: torch.device) -> tuple[float, floa
                         generator=torch.Generator().manual_seed(1)).to(device)
     enc, pred = draw_masks(masks_generator(cfg), cfg, 1, device)
     results = {}
-    for path in ("reference", "fast"):
+    for computation in ("reference", "fast"):
         model.zero_grad(set_to_none=True)
         with autocast_for(cfg, device):
-            loss = model.loss(clips, enc, pred, path=path)
+            loss = model.loss(clips, enc, pred, computation=computation)
         loss.backward()
-        results[path] = (loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()
-                                                 if p.grad is not None})
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[computation] = (loss.detach().float(), grads)
     (ref_loss, ref_g), (fast_loss, fast_g) = results["reference"], results["fast"]
     loss_err = (abs(fast_loss - ref_loss) / abs(ref_loss)).item()
     grad_err = max(((fast_g[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in ref_g.items())
     return loss_err, grad_err
 
 
-def plan_variants(paths, backends, compile_mode: str) -> list[Variant]:
+def plan_variants(computations, backends, compile_mode: str) -> list[Variant]:
     """Eager variants first (the reference once: its attention is dense whatever the backend), then the compiled
     fast ones, so a slow compilation costs only itself."""
     if compile_mode not in COMPILE_CHOICES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile_mode!r}")
     eager = compile_mode in ("off", "both")
-    variants = [Variant("reference", backends[0])] if "reference" in paths and eager else []
-    if "fast" in paths:
+    variants = [Variant("reference", backends[0])] if "reference" in computations and eager else []
+    if "fast" in computations:
         if eager:
             variants += [Variant("fast", b) for b in backends]
         if compile_mode in ("on", "both"):
@@ -226,7 +236,7 @@ def plan_variants(paths, backends, compile_mode: str) -> list[Variant]:
     return variants
 
 
-def run(cfg: Config, *, paths=("reference", "fast"), backends=("sdpa",), compile_mode: str = "off",
+def run(cfg: Config, *, computations=("reference", "fast"), backends=("sdpa",), compile_mode: str = "off",
         device="auto", steps: int = 10, warmup: int = 3, peak_tflops: float | None = None,
         check_parity: bool = True, on_variant=None) -> dict:
     """Time every planned variant; `on_variant(result)` is called after each with the result so far."""
@@ -240,19 +250,30 @@ def run(cfg: Config, *, paths=("reference", "fast"), backends=("sdpa",), compile
         "tokens": (cfg.data.num_frames // cfg.data.tubelet_size) * (cfg.data.crop_size // cfg.data.patch_size) ** 2,
         "model": list(cfg.encoder_size), "steps": steps, "warmup": warmup,
         "peak_tflops": peak, "peak_source": "measured matmul" if measured_peak else "given",
-        "ms_per_iter": "median device time of one step: host-to-device copy of pinned clips and masks, target, "
-                       "context, predictor, loss, backward, optimizer, EMA; steps back to back, no sync between "
-                       "them; mask drawing (host) not included", "variants": [],
+        "ms_per_iter": "steps run back to back as in training (no sync between them), from the first one's "
+                       "host-to-device copy of pinned clips and masks to the last one's EMA, over their number: "
+                       "copy, target, context, predictor, loss, backward, optimizer, EMA; the host drawing the "
+                       "next masks meanwhile counts only where the device waited (gaps)", "variants": [],
     }
-    for v in plan_variants(list(paths), list(backends), compile_mode):
+    variants = plan_variants(list(computations), list(backends), compile_mode)
+    if not variants:
+        raise UserError(f"no variant to time: computations {list(computations)} with --compile {compile_mode} "
+                        f"(the reference is never compiled)")
+    for v in variants:
         try:
-            time_variant(cfg, v, device, steps, warmup)
+            flops = time_variant(cfg, v, device, steps, warmup)
             v.mfu = v.tflops / peak
-            if check_parity and v.path == "fast":
-                v.loss_rel_err, v.grad_rel_err = parity(variant_config(cfg, v.compiled), v.backend, device)
+            result.setdefault("flops_table", flops.table())  # the same masks for every variant
         except Exception as e:  # one broken variant (OOM, a backend not built, a compile error) must not cost the rest
             log.error("bench step: %s with %s attention failed: %s: %s", v.label, v.backend, type(e).__name__, e)
             v.error = f"{type(e).__name__}: {e}"[:300]
+        if check_parity and v.computation == "fast" and v.error is None:
+            try:
+                v.loss_rel_err, v.grad_rel_err = parity(variant_config(cfg, v.compiled), v.backend, device)
+            except Exception as e:
+                log.error("bench step: parity of %s with %s attention failed: %s: %s", v.label, v.backend,
+                          type(e).__name__, e)
+                v.parity_error = f"{type(e).__name__}: {e}"[:300]
         result["variants"].append(dataclasses.asdict(v) | {"label": v.label})
         _add_speedups(result)
         gc.collect()
@@ -264,7 +285,7 @@ def run(cfg: Config, *, paths=("reference", "fast"), backends=("sdpa",), compile
 
 
 def _add_speedups(result: dict) -> None:
-    ref = next((v for v in result["variants"] if v["path"] == "reference" and v["error"] is None), None)
+    ref = next((v for v in result["variants"] if v["computation"] == "reference" and v["error"] is None), None)
     for v in result["variants"]:
         v["speedup"] = ref["step_ms"] / v["step_ms"] if ref and v["error"] is None else None
 
@@ -277,6 +298,8 @@ def row(v: dict) -> str:
     """One variant's markdown table row."""
     if v["error"]:
         return f"| {v['label']} | {v['backend']} | failed: {v['error'][:160]} |"
+    if v["parity_error"]:
+        v = dict(v, loss_rel_err=None, grad_rel_err=None)
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     cells = [v["label"], v["backend"], fmt(v["step_ms"], ".1f"), fmt(v["clips_per_s"], ".1f"), fmt(v["speedup"], ".2f"),
              fmt(v["tflops"], ".3g"), fmt(v["mfu"], ".1%"), fmt(v["peak_mem_gb"], ".1f"),
@@ -294,8 +317,13 @@ def markdown(result: dict) -> str:
     stage_cols = ["variant", "attn", *ALL_STAGES]
     lines += ["", "ms per stage (median):", "", "| " + " | ".join(stage_cols) + " |", "|" + "---|" * len(stage_cols)]
     for v in result["variants"]:
-        lines.append("| " + " | ".join([v["label"], v["backend"]] + [f"{v['stages_ms'][s]:.1f}" for s in ALL_STAGES])
-                     + " |")
+        if v["error"] is None:
+            cells = [v["label"], v["backend"], *(f"{v['stages_ms'][s]:.1f}" for s in ALL_STAGES)]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += [f"\nparity of {v['label']} ({v['backend']}) failed: {v['parity_error']}" for v in result["variants"]
+              if v["parity_error"]]
+    if "flops_table" in result:
+        lines += ["", "model FLOPs per step (mean of the timed steps; 2 per multiply-add):", "", result["flops_table"]]
     return head + "\n".join(lines) + "\n"
 
 

@@ -1,8 +1,8 @@
-"""kernels.gather_tokens against its PyTorch reference: packed rows, cu_seqlens, grads of x and pos, input errors."""
+"""kernels.pack_tokens against its PyTorch reference: packed rows, cu_seqlens, grads of x and pos, input errors."""
 import pytest
 import torch
 
-from kernels import gather_tokens, gather_tokens_reference
+from vjepa_fast.kernels import pack_tokens, pack_tokens_reference
 from helpers import KERNEL_DEVICES as DEVICES
 from helpers import KERNEL_LARGE_SHAPES as LARGE
 from helpers import KERNEL_SMALL_SHAPES as SMALL
@@ -27,9 +27,9 @@ def make_inputs(batch, tokens, dim, ks, dtype, device, seed, pos=True, unique=Tr
 def check_against_reference(x, pos, idx, seed):
     """Forward, cu_seqlens and the grads of every input that requires grad, against the fp64 reference."""
     tol = TOL[x.dtype]
-    packed, cu = gather_tokens(x, idx, pos)
+    packed, cu = pack_tokens(x, idx, pos)
     inputs64 = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, pos) if t is not None]
-    ref, ref_cu = gather_tokens_reference(inputs64[0], idx, inputs64[1] if pos is not None else None)
+    ref, ref_cu = pack_tokens_reference(inputs64[0], idx, inputs64[1] if pos is not None else None)
     assert packed.dtype == (x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype))
     torch.testing.assert_close(packed.double(), ref, **tol)
     assert cu.dtype == torch.int32 and cu.device == x.device
@@ -87,14 +87,14 @@ def test_bf16_x_with_fp32_pos_promotes_like_torch(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_cu_seqlens_layout(device):
     x, _, idx = make_inputs(2, 7, 64, (3, 5), torch.float32, device, seed=10, pos=False)
-    _, cu = gather_tokens(x, idx)
+    _, cu = pack_tokens(x, idx)
     assert cu.tolist() == [0, 3, 6, 11, 16]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_fp64(device):
     x, pos, idx = make_inputs(2, 5, 4, (3, 4), torch.float64, device, seed=11, unique=False)
-    assert torch.autograd.gradcheck(lambda a, b: gather_tokens(a, idx, b)[0],
+    assert torch.autograd.gradcheck(lambda a, b: pack_tokens(a, idx, b)[0],
                                     (x.requires_grad_(), pos.requires_grad_()), fast_mode=True)
 
 
@@ -102,7 +102,7 @@ def _bad_inputs(device):
     x = torch.zeros(2, 7, 64, device=device)
     idx = [torch.zeros(2, 3, dtype=torch.int64, device=device)]
     return [
-        ((x[0], idx), ValueError, r"gather_tokens: x must be 3-D, got shape \[7, 64\]"),
+        ((x[0], idx), ValueError, r"pack_tokens: x must be 3-D, got shape \[7, 64\]"),
         ((x.long(), idx), TypeError, r"x has dtype torch.int64"),
         ((x, idx, torch.zeros(6, 64, device=device)), ValueError, r"pos has shape \[6, 64\], expected \[N=7, D=64\]"),
         ((x, idx[0]), TypeError, r"idx_list must be a non-empty list"),
@@ -120,4 +120,4 @@ def _bad_inputs(device):
 def test_bad_inputs_name_the_argument(case, device):
     args, error, match = _bad_inputs(device)[case]
     with pytest.raises(error, match=match):
-        gather_tokens(*args)
+        pack_tokens(*args)

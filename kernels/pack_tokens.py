@@ -12,7 +12,7 @@ import triton.language as tl
 from ._common import acc_dtype, check_tensor, pack_indices, packed_rows, row_tile
 
 
-def gather_tokens_reference(x, idx_list, pos=None):
+def pack_tokens_reference(x, idx_list, pos=None):
     """Plain PyTorch: cat over masks of x[b, idx[b]] (+ pos[idx[b]]) rows, and the int32 cu_seqlens."""
     batch, _, dim = x.shape
     rows = torch.arange(batch, device=x.device)[:, None]
@@ -28,9 +28,9 @@ def gather_tokens_reference(x, idx_list, pos=None):
 
 
 @triton.jit
-def _gather_fwd_kernel(x_ptr, pos_ptr, idx_ptr, cu_ptr, out_ptr, head_ptr, next_ptr, B, N, D,
-                       HAS_POS: tl.constexpr, LINK: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _pack_fwd_kernel(x_ptr, pos_ptr, idx_ptr, cu_ptr, out_ptr, head_ptr, next_ptr, B, N, D,
+                     HAS_POS: tl.constexpr, LINK: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     seq = tl.program_id(0)  # mask * B + sample
     rows, row_mask, tok, src = packed_rows(cu_ptr, idx_ptr, B, N, BLOCK_R)
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -48,9 +48,9 @@ def _gather_fwd_kernel(x_ptr, pos_ptr, idx_ptr, cu_ptr, out_ptr, head_ptr, next_
 
 
 @triton.jit
-def _gather_bwd_kernel(grad_ptr, head_ptr, next_ptr, grad_x_ptr, grad_pos_ptr, B, N, D,
-                       NUM_MASKS: tl.constexpr, B_PER_PROG: tl.constexpr, WRITE_X: tl.constexpr,
-                       WRITE_POS: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _pack_bwd_kernel(grad_ptr, head_ptr, next_ptr, grad_x_ptr, grad_pos_ptr, B, N, D,
+                     NUM_MASKS: tl.constexpr, B_PER_PROG: tl.constexpr, WRITE_X: tl.constexpr,
+                     WRITE_POS: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     tok = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     tok_mask = tok < N
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -87,7 +87,7 @@ class _GatherTokens(torch.autograd.Function):
         nxt = torch.empty(rows, dtype=torch.int32, device=x.device) if link else None
         block_r, block_d, num_warps = row_tile(dim)
         grid = (num_masks * batch, triton.cdiv(max_k, block_r), triton.cdiv(dim, block_d))
-        _gather_fwd_kernel[grid](
+        _pack_fwd_kernel[grid](
             x, pos, flat_idx, cu_seqlens, out, head, nxt, batch, n, dim,
             HAS_POS=pos is not None, LINK=link, ACC=acc_dtype(out_dtype),
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
@@ -107,14 +107,14 @@ class _GatherTokens(torch.autograd.Function):
         b_per_prog = batch if write_pos else 1
         block_r, block_d, num_warps = row_tile(dim)
         grid = (triton.cdiv(n, block_r), triton.cdiv(dim, block_d), batch // b_per_prog)
-        _gather_bwd_kernel[grid](
+        _pack_bwd_kernel[grid](
             grad, head, nxt, grad_x, grad_pos, batch, n, dim,
             NUM_MASKS=num_masks, B_PER_PROG=b_per_prog, WRITE_X=write_x, WRITE_POS=write_pos, ACC=acc_dtype(grad.dtype),
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
         return grad_x, grad_pos, None, None, None, None, None
 
 
-def gather_tokens(x, idx_list, pos=None):
+def pack_tokens(x, idx_list, pos=None):
     """Pack every mask's tokens into one [sum_i B*K_i, D] matrix (row order: mask, sample, index).
 
     x: [B, N, D]; idx_list: int64 [B, K_i] per mask, entries in [0, N) (not checked: that would synchronise);
@@ -122,7 +122,7 @@ def gather_tokens(x, idx_list, pos=None):
     Returns (packed, cu_seqlens) with cu_seqlens int32 [len(idx_list) * B + 1] as flash-attention varlen expects.
     The backward accumulates over repeated indices (across or within masks) into x and pos.
     """
-    fn = "gather_tokens"
+    fn = "pack_tokens"
     check_tensor(fn, "x", x, ndim=3)
     batch, n, dim = x.shape
     if pos is not None:

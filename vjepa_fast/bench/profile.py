@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
-from bench.step import SyntheticSteps
-from vjepa_fast.config import Config
-from vjepa_fast.step import pick_device
+from ..config import Config
+from ..step import pick_device
+from .step import SyntheticSteps
 
 
 def run(cfg: Config, out: Path, *, steps: int = 5, warmup: int = 2, device="auto", memory_snapshot: bool = False,
         backend: str | None = None) -> dict[str, Path]:
     device = pick_device(device)
-    runner = SyntheticSteps(cfg, cfg.meta.path, backend or cfg.model.attn_backend, device)
+    runner = SyntheticSteps(cfg, cfg.meta.computation, backend or cfg.model.attn_backend, device)
     out.mkdir(parents=True, exist_ok=True)
     written = {"trace": out / "trace.json"}
     for i in range(warmup):

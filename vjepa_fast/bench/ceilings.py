@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from bench.report import write_results
+from .report import write_results
 
 
 def make_timer(quick: bool = False):
