@@ -6,13 +6,25 @@ from a generator seeded by (seed, global sample position, attempt), never from w
 k is a pure function of (seed, k, rank, world_size, dataset) whatever the number of workers, and start_step=k
 resumes exactly. A bad video is replaced by a fresh deterministic draw (attempt + 1) and reported to the main
 process with the batch, where bad_input.SkipTracker counts and logs it.
+
+The same purity makes worker deaths harmless: when a decode worker dies (the OOM killer, a decoder crash), the
+loader starts fresh workers at the next batch not yet returned, and the stream goes on unchanged. And the workers
+watch the main process, so a killed run leaves no worker or fork server behind.
 """
 import contextlib
+import functools
+import logging
 import multiprocessing
+import multiprocessing.connection
+import os
+import signal
 import sys
+import threading
+import time
 
 import torch
 
+from ..errors import RunStopped
 from .bad_input import SkipTracker
 from .clip_plan import ClipPlan, load_first_usable
 from .dataset_file import DatasetIndex
@@ -20,6 +32,11 @@ from .pyav_decode import read_frames
 from .sample_order import SampleOrder
 from .spec import ClipSpec
 from .transform import clip_tensor
+
+log = logging.getLogger(__name__)
+
+MAX_WORKER_RESTARTS = 3  # worker restarts in a row (no batch in between) before the loader gives up
+MAIN_PROCESS_POLL_S = 1.0  # how often a worker checks that the main process still runs
 
 
 def worker_context(num_workers: int):
@@ -31,6 +48,61 @@ def worker_context(num_workers: int):
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "numpy", "av", __name__])  # one that does not import is skipped
     return context
+
+
+def worker_options(num_workers: int) -> dict:
+    """DataLoader keyword arguments for `num_workers` worker processes: started by the fork server (worker_context)
+    and ending when this process ends, even by `kill -9` (exit_with_main)."""
+    if num_workers == 0:
+        return {"num_workers": 0}
+    return {"num_workers": num_workers, "multiprocessing_context": worker_context(num_workers),
+            "worker_init_fn": functools.partial(exit_with_main, os.getpid())}
+
+
+def exit_with_main(main_pid: int, worker_id: int) -> None:
+    """worker_init_fn: end this worker soon after process `main_pid` is gone. Torch's own watchdog watches the
+    worker's parent, the fork server, which lives as long as its workers: without this, a killed run's workers
+    and fork server would run on forever. (The fork server exits by itself once its workers are gone.)"""
+    def watch():
+        while not process_gone(main_pid):
+            time.sleep(MAIN_PROCESS_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name=f"exit-with-{main_pid}", daemon=True).start()
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process `pid` has ended; a zombie (ended, not yet reaped by its parent) counts as ended."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it exists, as another user's process
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"  # the state follows "(command name)"
+    except (OSError, IndexError):
+        return False  # no /proc (macOS): os.kill's answer stands
+
+
+def dead_workers(batches, wait_s: float = 0.0) -> list:
+    """The worker processes of a DataLoader iterator that have ended (none without workers), waiting up to
+    `wait_s` for one to end (an error can reach us a moment before the fork server reports the death)."""
+    workers = getattr(batches, "_workers", [])
+    if workers:
+        multiprocessing.connection.wait([worker.sentinel for worker in workers], timeout=wait_s)
+    return [worker for worker in workers if not worker.is_alive()]
+
+
+def exit_reason(exitcode: int | None) -> str:
+    """How a process ended, in words: "killed by SIGKILL", "exit code 1"."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 @contextlib.contextmanager
@@ -133,31 +205,69 @@ class StepLoader:
 
 class PyAVClipLoader(StepLoader):
     """The PyAV StepLoader. One DataLoader iterator lives as long as the loader, so its workers persist and
-    prefetch."""
+    prefetch; if a worker dies, a fresh iterator replaces it, starting at the next batch not yet returned."""
     clip_dataset = ClipDataset  # how a clip is decoded (bench/data.py swaps in its baseline)
 
     def __init__(self, dataset: DatasetIndex, spec: ClipSpec, *, batch_size: int, seed: int, start_step: int,
                  rank: int, world_size: int, num_workers: int):
         super().__init__(dataset, start_step=start_step, rank=rank, world_size=world_size, seed=seed)
+        self._clips = self.clip_dataset(dataset, spec, seed)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self._restarts = 0  # worker restarts since the last batch returned
+        self._batches = self._start(start_step)
+
+    def _start(self, step: int):
+        """A DataLoader iterator, with its own fresh workers, over batches step, step + 1, ..."""
         data_loader = torch.utils.data.DataLoader(
-            self.clip_dataset(dataset, spec, seed),
-            batch_sampler=StepBatches(self.order, batch_size, start_step),
+            self._clips,
+            batch_sampler=StepBatches(self.order, self.batch_size, step),
             collate_fn=collate_clips,
-            num_workers=num_workers,
-            multiprocessing_context=worker_context(num_workers),
             pin_memory=torch.cuda.is_available(),
+            **worker_options(self.num_workers),
         )
-        self._batches = iterate(data_loader)
+        return iterate(data_loader)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            clips, labels, attempts = next(self._batches)
+            clips, labels, attempts = self._next_batch()
             self.skips.record(attempts)
         except BaseException:
             self.close()  # the exception's traceback keeps the DataLoader alive: stop its workers now
             raise
         self.step += 1
         return clips, labels
+
+    def _next_batch(self):
+        """Batch self.step from the DataLoader iterator, replacing the iterator as long as its workers die."""
+        while True:
+            try:
+                batch = next(self._batches)
+            except Exception as error:
+                # A dead worker shows as torch's RuntimeError "DataLoader worker ... exited unexpectedly", or as
+                # an OSError when a batch it had sent refers to its shared memory; other errors propagate.
+                dead = dead_workers(self._batches, wait_s=1.0)
+                if not dead:
+                    raise
+                self._replace_workers(dead, error)
+            else:
+                self._restarts = 0
+                return batch
+
+    def _replace_workers(self, dead: list, error: Exception) -> None:
+        """Shut the broken iterator down and start a fresh one at self.step (batches the old one prefetched are
+        decoded again, identically); raise RunStopped once workers die MAX_WORKER_RESTARTS times in a row."""
+        deaths = ", ".join(f"pid {worker.pid} ({exit_reason(worker.exitcode)})" for worker in dead)
+        self.close()
+        if self._restarts >= MAX_WORKER_RESTARTS:
+            raise RunStopped(
+                f"data loader workers keep dying: worker {deaths} died at step {self.step} after "
+                f"{self._restarts} restarts without a batch in between; use fewer data.num_workers (now "
+                f"{self.num_workers}) or check the memory (an OOM kill shows in `dmesg`)") from error
+        self._restarts += 1
+        log.warning("data loader worker %s died at step %d; starting fresh workers from step %d (restart %d of "
+                    "at most %d in a row)", deaths, self.step, self.step, self._restarts, MAX_WORKER_RESTARTS)
+        self._batches = self._start(self.step)
 
     def close(self) -> None:
         shutdown_workers = getattr(self._batches, "_shutdown_workers", None)  # absent with num_workers=0

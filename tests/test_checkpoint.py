@@ -31,7 +31,7 @@ def test_save_is_atomic_and_a_failed_save_keeps_the_previous_file(tmp_path, monk
         save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
-    assert os.listdir(path.parent) == ["latest.pt"]  # no temp file left behind
+    assert sorted(os.listdir(path.parent)) == ["latest.pt", "latest.pt.sha256"]  # no temp file left behind
 
 
 def test_load_errors_name_the_file(tmp_path):

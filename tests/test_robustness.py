@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import TINY
-from vjepa_fast.checkpoint import load_checkpoint, save_checkpoint
+from vjepa_fast.checkpoint import load_checkpoint, save_checkpoint, verify_checksum
 from vjepa_fast.config import load_config
 from vjepa_fast.errors import RunStopped
 from vjepa_fast.model import VJEPA
@@ -108,9 +108,10 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert load_checkpoint(path)["step"] in (1, 2)  # the old file, or a complete new one: never a torn one
+    verify_checksum(path)  # and its checksum matches it (also when the kill came between the file and its checksum)
     assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     save_checkpoint({"step": 3}, path)  # the next save clears the killed writer's temp file
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt", "latest.pt.sha256"]
 
 
 def _nan_on_steps(monkeypatch, bad_calls):

@@ -13,7 +13,8 @@ from helpers import SMALL, tiny_batch, tiny_config
 from vjepa_fast.distributed import DistEnv
 from vjepa_fast.health import HealthMonitor
 from vjepa_fast.optim import apply_schedule, build_optimizer
-from vjepa_fast.step import EMA, autocast_for, build_model, draw_masks, masks_generator, to_device, train_step
+from vjepa_fast.step import (EMA, Batch, autocast_for, build_model, draw_masks, masks_generator, to_device,
+                             train_step)
 from vjepa_fast.train import StepLog
 
 # aten ops whose result the host must read (on CUDA: wait for) to go on
@@ -84,7 +85,7 @@ class StepLoop:
         clips = to_device(self.host_clips, self.device)
         masks_enc, masks_pred = masks or draw_masks(self.masks, self.cfg, step, self.device)
         apply_schedule(self.optimizer, 1e-3, 0.04)
-        result = train_step(self.model, self.optimizer, self.ema, clips, masks_enc, masks_pred,
+        result = train_step(self.model, self.optimizer, self.ema, [Batch(clips, masks_enc, masks_pred)],
                             computation=self.computation, autocast=autocast_for(self.cfg, self.device),
                             max_norm=1.0, momentum=0.99, keep_targets=self.health.due(step))
         self.log.add(step, result, 1e-3, 0.04, 0.99, 0.0)

@@ -8,9 +8,16 @@ Ours is a dict with `format: "vjepa_fast"` and `version`, the three networks' st
 """
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
+import logging
 import os
+import pickle
 import random
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -19,49 +26,149 @@ import numpy as np
 import torch
 
 from .config import Config, config_from_dict
-from .errors import UserError
+from .errors import RunStopped, UserError
 from .model import NETWORKS
 from .models import VisionTransformer
 from .models.build import build_encoder, encoder_from_weights, load_weights_strict
+
+log = logging.getLogger(__name__)
 
 FORMAT = "vjepa_fast"
 VERSION = 1
 OFFICIAL_PREFIXES = ("module.", "backbone.")
 
 
-# ---- atomic save / load -----------------------------------------------------------------------
+# ---- atomic, verifiable save; safe load ---------------------------------------------------------
+
+class _HashingWriter(io.RawIOBase):
+    """A file object that writes through to `f` and keeps the sha256 and size of everything written."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.f.write(data)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return len(data)
+
+
+def checksum_path(path: Path) -> Path:
+    """The sidecar that records a checkpoint's sha256 and size when it was written."""
+    return path.with_name(path.name + ".sha256")
+
 
 def save_checkpoint(state: Mapping, path: str | Path) -> Path:
-    """Write `state` to `path` atomically: a temp file in the same folder, fsync, then rename over."""
+    """Write `state` to `path` atomically (a temp file in the same folder, fsync, rename over), with a checksum
+    sidecar (`<path>.sha256`: the sha256 and size of the bytes written) so a later reader can tell a file the file
+    system damaged. A full disk leaves the previous file intact and raises RunStopped naming the space needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed mid-write
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    pending = _pending_checksum(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
+            writer = _HashingWriter(f)
+            torch.save(dict(state), writer)
             f.flush()
             os.fsync(f.fileno())
+        pending.write_text(f"{writer.sha256.hexdigest()} {writer.bytes}\n")
+        # a crash between these two renames leaves the new file with its checksum still pending: verify_checksum
+        # accepts the pending one when it matches
         os.replace(tmp, path)
+        os.replace(pending, checksum_path(path))
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        pending.unlink(missing_ok=True)
+        if e.errno != errno.ENOSPC:
+            raise
+        needed, free = _state_bytes(state), shutil.disk_usage(path.parent).free
+        raise RunStopped(f"no space left on the device of {path.parent} while writing {path.name}: about "
+                         f"{needed / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free; the previous checkpoint there is "
+                         f"intact. Free space (or move the run directory) and continue with --resume.") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        pending.unlink(missing_ok=True)
         raise
     return path
 
 
+def _pending_checksum(path: Path) -> Path:
+    return path.with_name(f".{path.name}.sha256.pending")
+
+
+def _state_bytes(state) -> int:
+    """Bytes of the tensors in a (nested) state: about the size of its checkpoint file."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, Mapping):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
+
+
+def verify_checksum(path: Path) -> None:
+    """Raise UserError if `path` no longer has the sha256 and size recorded when it was written (no record: nothing
+    to check, as for official checkpoints and files copied without it)."""
+    recorded = [p for p in (checksum_path(path), _pending_checksum(path)) if p.is_file()]
+    if not recorded:
+        return
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    for record in recorded:
+        digest, written = record.read_text().split()
+        if (h.hexdigest(), size) == (digest, int(written)):
+            if record != checksum_path(path):  # written, renamed, then interrupted before its checksum was
+                os.replace(record, checksum_path(path))
+            return
+    digest, written = recorded[0].read_text().split()
+    why = f"is {size} bytes, {written} were written: truncated" if size != int(written) else \
+        "does not match the sha256 recorded when it was written: damaged"
+    raise UserError(f"checkpoint {path} {why}")
+
+
+# The only globals a checkpoint may name besides torch's own: numpy arrays (the RNG state of our checkpoints).
+# Anything else, a pickled function call above all, is refused without running it.
+SAFE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), getattr(np, "_core", np).multiarray._reconstruct]
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """The dict a checkpoint file holds (ours or an official one); errors name the file."""
+    """The dict a checkpoint file holds (ours or an official one), loaded with torch.load(weights_only=True): tensors
+    and plain Python values only, so a downloaded file cannot run code. Errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = _unsafe_globals(path)
+        raise UserError(f"refused to load {path}: it holds Python objects beyond tensors and plain values "
+                        f"({', '.join(unsafe) or e}), which could run code when loaded. A V-JEPA checkpoint has "
+                        f"none; if you made this file yourself and trust it, load it with torch.load("
+                        f"weights_only=False) and save its tensors again.") from None
     except Exception as e:  # truncated or foreign file: name it
         raise UserError(f"cannot read checkpoint {path}: {e}") from e
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
     return state
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                if g not in {f"{x.__module__}.{x.__qualname__}" for x in SAFE_GLOBALS}]
+    except Exception:
+        return []
 
 
 def is_ours(state: Mapping) -> bool:
@@ -109,6 +216,88 @@ def save_training_state(state: TrainingState, path: str | Path) -> Path:
 
 def load_training_state(path: str | Path, map_location="cpu") -> TrainingState:
     return TrainingState.from_dict(load_checkpoint(path, map_location), path)
+
+
+def _move(path: Path, to: Path) -> None:
+    """Rename a checkpoint with its checksum sidecar."""
+    os.replace(path, to)
+    if checksum_path(path).is_file():
+        os.replace(checksum_path(path), checksum_path(to))
+
+
+class CheckpointFolder:
+    """A run's checkpoints: `latest.pt`, the newest, and `step_<N>.pt` for the ones before it (the last `keep_last`
+    in all, and every `keep_every`-th step for good), each with its checksum sidecar. Resuming takes the newest
+    that verifies and loads; one the file system damaged is set aside (renamed `*.damaged-<time>`), loudly."""
+
+    def __init__(self, folder: str | Path, keep_last: int = 2, keep_every: int = 0):
+        self.folder, self.keep_last, self.keep_every = Path(folder), keep_last, keep_every
+        self.latest = self.folder / "latest.pt"
+        self.latest_step: int | None = None  # the step latest.pt holds, once saved or resumed here
+
+    def step_path(self, step: int) -> Path:
+        return self.folder / f"step_{step:08d}.pt"
+
+    def candidates(self) -> list[Path]:
+        """Every checkpoint here, newest first."""
+        older = sorted(self.folder.glob("step_*.pt"), reverse=True)
+        return [p for p in [self.latest, *older] if p.is_file()]
+
+    def save(self, state: TrainingState) -> Path:
+        """Write `state` as latest.pt; the previous latest becomes step_<N>.pt; prune beyond keep_last/keep_every.
+        The new file is written in full (as step_<N>.pt) before anything is renamed, so a failed write (a full disk)
+        changes nothing, and at every moment the newest checkpoint is latest.pt or the newest step_<N>.pt."""
+        written = save_training_state(state, self.step_path(state.step))
+        if self.latest_step is not None and self.latest_step != state.step and self.latest.is_file():
+            _move(self.latest, self.step_path(self.latest_step))
+        _move(written, self.latest)
+        self.latest_step = state.step
+        self._prune()
+        return self.latest
+
+    def _prune(self) -> None:
+        older = sorted(self.folder.glob("step_*.pt"), reverse=True)
+        for path in older[max(0, self.keep_last - 1):]:
+            step = int(path.stem.removeprefix("step_"))
+            if self.keep_every and step % self.keep_every == 0:
+                continue
+            path.unlink(missing_ok=True)
+            checksum_path(path).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Remove every checkpoint here (starting a run again in its folder)."""
+        for path in self.candidates():
+            path.unlink(missing_ok=True)
+            checksum_path(path).unlink(missing_ok=True)
+        self.latest_step = None
+
+    def load_newest(self, map_location="cpu", *, verify: bool = True) -> TrainingState | None:
+        """The newest checkpoint that verifies and loads (None when there is none); those that do not are set aside
+        with an error in the log. Raises RunStopped when there are checkpoints but none is usable. verify=False
+        skips the checksums and sets nothing aside (for ranks that follow the one that verified)."""
+        damaged = []
+        for path in self.candidates():
+            try:
+                if verify:
+                    verify_checksum(path)
+                state = load_training_state(path, map_location)
+            except UserError as e:
+                if not verify:
+                    raise
+                aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+                _move(path, aside)
+                log.error("UNUSABLE CHECKPOINT %s: %s. Set aside as %s; trying the one before it.", path, e, aside.name)
+                damaged.append(f"{path.name} ({e})")
+                continue
+            self.latest_step = state.step if path == self.latest else None
+            if damaged:
+                log.error("resuming from %s (step %d), not the newest checkpoint: %s", path, state.step,
+                          "; ".join(damaged))
+            return state
+        if damaged:
+            raise RunStopped(f"no usable checkpoint in {self.folder}: {'; '.join(damaged)} (set aside as "
+                             f"*.damaged-*). Restore a copy, or start again with --overwrite.")
+        return None
 
 
 def rng_state() -> dict:

@@ -13,10 +13,12 @@ EXPECTED_ERRORS = (UserError, RunStopped, FileNotFoundError, FileExistsError)
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="pretrain V-JEPA (default: configs/demo.yaml on the embedded synthetic data)")
+    p = sub.add_parser("train", help="pretrain V-JEPA (default: the demo config on the embedded synthetic data)")
     _add_config_args(p)
     p.add_argument("--run-dir", help="where config, metrics, plots and checkpoints go (default: runs/<config>)")
-    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoints/latest.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest usable checkpoint in <run-dir>/checkpoints, or start fresh when "
+                        "there is none: one command for a job's first start and every requeue")
     p.add_argument("--overwrite", action="store_true", help="start again even if the run dir has a checkpoint")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedules are unchanged)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -95,6 +95,7 @@ class MetaConfig:
     dtype: str = "bfloat16"
     computation: str = "fast"  # the loss: "fast" (packed masks, fused kernels) or "reference" (the official one)
     data_parallel: str = "ddp"  # under torchrun: "ddp" (replicated networks) or "fsdp" (FSDP2, sharded per block)
+    dist_timeout_minutes: float = 30.0  # a rank waiting longer than this for another one fails, naming it
 
 
 @dataclass
@@ -134,6 +135,7 @@ class OptimizationConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_consecutive_nonfinite: int = 10  # skipped non-finite steps in a row before the run stops
+    accumulation_steps: int = 1  # micro-batches of data.batch_size per step and rank (gradients summed)
 
 
 @dataclass
@@ -147,6 +149,8 @@ class LoggingConfig:
     folder: Optional[str] = None
     write_tag: str = "jepa"
     checkpoint_every: int = 200  # steps
+    keep_last: int = 2  # checkpoints kept: latest.pt and the ones before it as step_<N>.pt
+    keep_every: int = 0  # steps between checkpoints kept for good (0: none)
     log_every: int = 10  # steps between metric flushes (one host sync each) and progress-bar refreshes
     health_every: int = 25  # steps between measurements of the target features' spreads (collapse monitor; 0: off)
     collapse_fraction: float = COLLAPSE_FRACTION  # warn when the token spread falls under this share of its early value
@@ -327,6 +331,8 @@ def validate(cfg: Config) -> Config:
            "the fused loss needs loss_exp >= 1; use meta.computation=reference for smaller exponents")
     _check(cfg.meta.data_parallel in DATA_PARALLEL, "meta.data_parallel", cfg.meta.data_parallel,
            f"choose one of {', '.join(DATA_PARALLEL)}")
+    _check(cfg.meta.dist_timeout_minutes > 0, "meta.dist_timeout_minutes", cfg.meta.dist_timeout_minutes,
+           "must be > 0")
     _check(cfg.meta.dtype in DTYPES, "meta.dtype", cfg.meta.dtype, f"choose one of {', '.join(DTYPES)}")
     _check(m.attn_backend in ATTENTION_BACKENDS, "model.attn_backend", m.attn_backend,
            f"choose one of {', '.join(ATTENTION_BACKENDS)}")
@@ -357,9 +363,12 @@ def validate(cfg: Config) -> Config:
            "the variance regulariser is not supported (the paper trains with 0)")
     _check(cfg.logging.checkpoint_every >= 1, "logging.checkpoint_every", cfg.logging.checkpoint_every, "must be >= 1")
     _check(cfg.logging.log_every >= 1, "logging.log_every", cfg.logging.log_every, "must be >= 1")
+    _check(cfg.logging.keep_last >= 1, "logging.keep_last", cfg.logging.keep_last, "must be >= 1 (latest.pt)")
+    _check(cfg.logging.keep_every >= 0, "logging.keep_every", cfg.logging.keep_every, "must be >= 0 (0: none)")
     _check(cfg.logging.health_every >= 0, "logging.health_every", cfg.logging.health_every, "must be >= 0 (0: off)")
     _check(0 < cfg.logging.collapse_fraction < 1, "logging.collapse_fraction", cfg.logging.collapse_fraction,
            "must lie in (0, 1)")
+    _check(o.accumulation_steps >= 1, "optimization.accumulation_steps", o.accumulation_steps, "must be >= 1")
     _check(o.max_consecutive_nonfinite >= 1, "optimization.max_consecutive_nonfinite", o.max_consecutive_nonfinite,
            "must be >= 1")
     return cfg

@@ -7,7 +7,9 @@ The global batch is data.batch_size x world size; the schedules count optimiser 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -38,8 +40,9 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device) -> tuple[DistEnv, torch.device]:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); returns this process's env and device."""
+def init_distributed(device: torch.device, timeout_minutes: float = 30.0) -> tuple[DistEnv, torch.device]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); returns this process's env and device. A
+    collective that waits longer than `timeout_minutes` for another rank fails (see unanswering_ranks)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistEnv(), device
@@ -49,8 +52,26 @@ def init_distributed(device: torch.device) -> tuple[DistEnv, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                timeout=timedelta(minutes=30))
+                                timeout=timedelta(minutes=timeout_minutes))
     return env, device
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """Whether `error` is a collective that gave up waiting for another rank (gloo: "Timed out waiting ...")."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "Timed out" in str(error))
+
+
+def unanswering_ranks(env: DistEnv, grace_s: float = 3.0) -> list[int] | None:
+    """After a collective timed out here: the ranks that did not time out too within `grace_s` (every rank still
+    alive and waiting on the same collective does), which are the ones that stopped answering. Through the process
+    group's key-value store; None when it cannot be reached."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"vjepa_fast/timed_out/{env.rank}", "1")
+        time.sleep(grace_s)
+        return [r for r in range(env.world_size) if not store.check([f"vjepa_fast/timed_out/{r}"])]
+    except Exception:
+        return None
 
 
 def shutdown() -> None:
@@ -79,6 +100,20 @@ def wrap_fsdp(module: nn.Module, block_type: type[nn.Module], block_methods: tup
             register_fsdp_forward_method(block, name)
     fully_shard(module)
     return module
+
+
+@contextlib.contextmanager
+def gradient_sync_off(*modules: nn.Module):
+    """Inside: backward passes of these DDP / FSDP2 networks keep their gradients local (the inner micro-batches
+    of gradient accumulation); the next backward outside all-reduces the sum. Plain networks: nothing to do."""
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            if isinstance(m, DistributedDataParallel):
+                stack.enter_context(m.no_sync())
+            elif hasattr(m, "set_requires_gradient_sync"):  # FSDP2
+                m.set_requires_gradient_sync(False)
+                stack.callback(m.set_requires_gradient_sync, True)
+        yield
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -8,16 +8,17 @@ loop (train.py) and the step benchmark both run this module's step, so what the 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from . import kernels
 from .config import Config
-from .distributed import local_tensor, local_value
+from .distributed import gradient_sync_off, local_tensor, local_value
 from .errors import UserError
 from .kernels import to_device
 from .masks import MaskGenerator
@@ -60,12 +61,29 @@ def masks_generator(cfg: Config) -> MaskGenerator:
     return MaskGenerator(cfg.mask, d.crop_size, d.num_frames, d.patch_size, d.tubelet_size)
 
 
-def draw_masks(masks: MaskGenerator, cfg: Config, step: int, device: torch.device):
-    """The context and prediction masks of `step`, drawn on the CPU from a generator seeded by (seed, step) (so a
-    resumed run replays them), then sent to `device` without a host wait."""
+def draw_masks(masks: MaskGenerator, cfg: Config, step: int, device: torch.device, batch_size: int | None = None):
+    """The context and prediction masks of `step` for `batch_size` clips (default: the config's batch), drawn on the
+    CPU from a generator seeded by (seed, step) (so a resumed run replays them), then sent to `device` without a
+    host wait."""
     generator = torch.Generator().manual_seed(cfg.meta.seed * 1_000_003 + step)
-    masks_enc, masks_pred = masks.gen(cfg.data.batch_size, step, generator=generator)
+    masks_enc, masks_pred = masks.gen(batch_size or cfg.data.batch_size, step, generator=generator)
     return [to_device(m, device) for m in masks_enc], [to_device(m, device) for m in masks_pred]
+
+
+class Batch(NamedTuple):
+    """The clips of one (micro-)batch and their masks."""
+    clips: torch.Tensor
+    masks_enc: list[torch.Tensor]
+    masks_pred: list[torch.Tensor]
+
+
+def micro_batches(clips: Sequence[torch.Tensor], masks_enc: list[torch.Tensor],
+                  masks_pred: list[torch.Tensor]) -> list[Batch]:
+    """Gradient accumulation: one Batch per clip tensor, each with its rows of the masks drawn for all of them (the
+    masks of the whole step, cut to its shortest sample, so the micro-batches add up to the step's loss exactly)."""
+    rows = [0, *itertools.accumulate(c.size(0) for c in clips)]
+    return [Batch(c, [m[a:b] for m in masks_enc], [m[a:b] for m in masks_pred])
+            for c, a, b in zip(clips, rows, rows[1:])]
 
 
 class EMA:
@@ -114,30 +132,35 @@ class StepResult:
     targets: torch.Tensor | None = None  # the target encoder's features [B, N, D], when asked for
 
 
-def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, ema: EMA, clips: torch.Tensor,
-               masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor], *, computation: str, autocast,
-               max_norm: float | None, momentum: float, stage: Callable[[str], ContextManager] | None = None,
-               keep_targets: bool = False) -> StepResult:
-    """One optimisation step: loss, backward, per-module gradient norms (clipped when `max_norm` is set), AdamW,
-    EMA; a non-finite loss or gradient skips the update on the device. `optimizer` must be a fused AdamW (also over
-    FSDP's sharded parameters: the gradient norms, hence the skip, are then global, the same on every rank).
-    `stage(name)` wraps each part (STAGES of the loss, then "backward", "optimizer", "ema") for timing;
-    `keep_targets` returns the target features the loss used (for the health monitor)."""
+def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, ema: EMA, batches: Sequence[Batch], *,
+               computation: str, autocast, max_norm: float | None, momentum: float,
+               stage: Callable[[str], ContextManager] | None = None, keep_targets: bool = False) -> StepResult:
+    """One optimisation step over `batches` (one, or the micro-batches of gradient accumulation: their gradients
+    add up, all-reduced across ranks once, after the last): loss, backward, per-module gradient norms (clipped when
+    `max_norm` is set), AdamW, EMA; a non-finite loss or gradient skips the update on the device. `optimizer` must
+    be a fused AdamW (also over FSDP's sharded parameters: the gradient norms, hence the skip, are then global, the
+    same on every rank). `stage(name)` wraps each part (STAGES of the loss, then "backward", "optimizer", "ema")
+    for timing; `keep_targets` returns the target features the first batch's loss used (for the health monitor)."""
     stage = stage or (lambda name: contextlib.nullcontext())
-    with autocast:
-        out = model.loss(clips, masks_enc, masks_pred, computation=computation, stage=stage,
-                         return_targets=keep_targets)  # targets kept alive through the backward only when asked
-    loss, targets = out if keep_targets else (out, None)
-    with stage("backward"):
-        loss.backward()
+    loss, targets = 0.0, None
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        keep = keep_targets and i == 0  # kept alive through the backward only when asked
+        with contextlib.nullcontext() if last else gradient_sync_off(model.encoder, model.predictor):
+            with autocast:
+                out = model.loss(*batch, computation=computation, stage=stage, return_targets=keep)
+            micro, targets = out if keep else (out, targets)
+            with stage("backward"):
+                (micro / len(batches)).backward()
+        loss = loss + micro.detach() / len(batches)
     with stage("optimizer"):
         norm_enc = _grad_norm_and_clip(model.encoder, max_norm)
         norm_pred = _grad_norm_and_clip(model.predictor, max_norm)
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(norm_enc) & torch.isfinite(norm_pred)
+        finite = torch.isfinite(loss) & torch.isfinite(norm_enc) & torch.isfinite(norm_pred)
         optimizer.found_inf = (~finite).float()  # the fused AdamW skips its whole update (state included)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     with stage("ema"):
         # momentum 1 leaves the target encoder as it was; fp64 as the schedule computed it, made on the device
         ema(torch.where(finite, torch.full((), momentum, dtype=torch.float64, device=finite.device), 1.0))
-    return StepResult(loss.detach(), norm_enc, norm_pred, finite, targets)
+    return StepResult(loss, norm_enc, norm_pred, finite, targets)

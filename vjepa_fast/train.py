@@ -29,8 +29,8 @@ from .model import NETWORKS, VJEPA
 from .models.vit import Block
 from .optim import Schedule, apply_schedule, build_optimizer
 from .run_log import MetricsLog, plot_loss
-from .step import (EMA, StepResult, autocast_for, build_model, draw_masks, masks_generator, pick_device, to_device,
-                   train_step)
+from .step import (EMA, StepResult, autocast_for, build_model, draw_masks, masks_generator, micro_batches, pick_device,
+                   to_device, train_step)
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +142,17 @@ class StopRequest:
 
 
 class RunDir:
-    """Paths of one training run: config.yaml, metrics.csv, loss.png, train.log, checkpoints/latest.pt."""
+    """Paths of one training run: config.yaml, metrics.csv, loss.png, train.log, and its checkpoints."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, cfg: Config):
         self.root = Path(root)
         self.config = self.root / "config.yaml"
         self.metrics = self.root / "metrics.csv"
         self.loss_plot = self.root / "loss.png"
         self.log_file = self.root / "train.log"
-        self.latest = self.root / "checkpoints" / "latest.pt"
+        self.checkpoints = ckpt.CheckpointFolder(self.root / "checkpoints", cfg.logging.keep_last,
+                                                 cfg.logging.keep_every)
+        self.latest = self.checkpoints.latest
 
 
 OOM_ADVICE = ("lower data.batch_size, set model.activation_checkpointing=true, use meta.computation=fast (one packed "
@@ -160,15 +162,15 @@ OOM_ADVICE = ("lower data.batch_size, set model.activation_checkpointing=true, u
 def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
           device: str | None = None, max_steps: int | None = None, progress: bool = True) -> TrainResult:
     """Train `cfg` into `run_dir` (default runs/<config name>); `max_steps` stops early (schedules unchanged).
-    Under torchrun (WORLD_SIZE > 1) each process trains its shard of the data."""
-    run = RunDir(run_dir or Path("runs") / cfg.name)
-    if run.latest.exists() and not (resume or overwrite):
-        raise FileExistsError(f"{run.root} already holds a checkpoint ({run.latest}); pass --resume to continue "
-                              f"it, --overwrite to start again, or choose another --run-dir")
-    if resume and not run.latest.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {run.latest}")
+    `resume`: continue from the newest usable checkpoint there, or start fresh (and say so) when there is none,
+    so one command serves a job's first start and every requeue. Without `resume` or `overwrite` a run directory
+    that holds a checkpoint is refused. Under torchrun (WORLD_SIZE > 1) each process trains its shard of the data."""
+    run = RunDir(run_dir or Path("runs") / cfg.name, cfg)
+    if run.checkpoints.candidates() and not (resume or overwrite):
+        raise FileExistsError(f"{run.root} already holds a checkpoint ({run.checkpoints.candidates()[0]}); pass "
+                              f"--resume to continue it, --overwrite to start again, or choose another --run-dir")
     joined = not torch.distributed.is_initialized()
-    env, dev = dist_utils.init_distributed(pick_device(device))
+    env, dev = dist_utils.init_distributed(pick_device(device), cfg.meta.dist_timeout_minutes)
     file_log = None
     if env.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -176,7 +178,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(file_log)
     try:
-        return _train(cfg, run, resume, dev, max_steps, progress and env.is_main, env)
+        return _train(cfg, run, resume, overwrite, dev, max_steps, progress and env.is_main, env)
     except torch.OutOfMemoryError as e:
         raise RunStopped(f"out of memory with data.batch_size={cfg.data.batch_size} on {dev}: {OOM_ADVICE}. "
                          f"The last checkpoint ({run.latest}) is intact.") from e
@@ -209,7 +211,27 @@ def wrap_for_data_parallel(model: VJEPA, cfg: Config, env: dist_utils.DistEnv, d
     return ema
 
 
-def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_steps: int | None,
+def _resume_state(run: RunDir, overwrite: bool, resume: bool, device: torch.device,
+                  env: dist_utils.DistEnv) -> ckpt.TrainingState | None:
+    """The state to continue from: rank 0 finds the newest usable checkpoint (setting damaged ones aside), then the
+    other ranks load the same one. None: a fresh start (the old checkpoints are removed with `overwrite`)."""
+    state = None
+    if env.is_main:
+        if resume:
+            state = run.checkpoints.load_newest(device)
+            if state is None:
+                log.info("--resume: no checkpoint in %s yet; starting a fresh run (a first start, or a job "
+                         "stopped before its first checkpoint)", run.checkpoints.folder)
+        elif overwrite and run.checkpoints.candidates():
+            log.warning("--overwrite: removing the checkpoints of the earlier run in %s", run.checkpoints.folder)
+            run.checkpoints.clear()
+    dist_utils.barrier(env)
+    if resume and not env.is_main:
+        state = run.checkpoints.load_newest(device, verify=False)
+    return state
+
+
+def _train(cfg: Config, run: RunDir, resume: bool, overwrite: bool, device: torch.device, max_steps: int | None,
            progress: bool, env: dist_utils.DistEnv) -> TrainResult:
     model = build_model(cfg, device)
     fsdp = uses_fsdp(cfg, env)
@@ -218,14 +240,13 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
     health = HealthMonitor(cfg.logging.health_every, cfg.logging.collapse_fraction)
 
     start, skipped_total = 0, 0
-    resumed = None
-    if resume:
-        resumed = ckpt.load_training_state(run.latest, map_location=device)
+    resumed = _resume_state(run, overwrite, resume, device, env)
+    if resumed is not None:
         model.load_networks(resumed.networks)
         ckpt.set_rng_state(resumed.rng)
         health.load_state_dict(resumed.health)
         start, skipped_total = resumed.step, resumed.skipped_steps
-        log.info("resumed %s at step %d", run.latest, start)
+        log.info("resumed %s at step %d", run.checkpoints.folder, start)
     elif cfg.meta.load_checkpoint and cfg.meta.read_checkpoint:
         source = cfg.meta.read_checkpoint
         model.load_networks(ckpt.networks_of(ckpt.load_checkpoint(source), source))
@@ -246,9 +267,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
             networks = {name: model.unwrapped(name).state_dict() for name in NETWORKS}
             optimizer_saved = optimizer.state_dict()
         if env.is_main:
-            ckpt.save_training_state(ckpt.TrainingState(step, cfg.to_dict(), networks, optimizer_saved,
-                                                        ckpt.rng_state(), health.state_dict(),
-                                                        pending.skipped_total), run.latest)
+            run.checkpoints.save(ckpt.TrainingState(step, cfg.to_dict(), networks, optimizer_saved, ckpt.rng_state(),
+                                                    health.state_dict(), pending.skipped_total))
         dist_utils.barrier(env)
 
     if env.is_main:
@@ -257,17 +277,23 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
     dist_utils.barrier(env)
     if not env.is_main:
         paths = dataset_paths(cfg)
-    metrics = MetricsLog(run.metrics, METRIC_FIELDS, resume_step=start if resume else None) if env.is_main else None
-    loader = build_train_loader(cfg, paths, start_step=start, rank=env.rank, world_size=env.world_size)
+    metrics = None
+    if env.is_main:
+        metrics = MetricsLog(run.metrics, METRIC_FIELDS, resume_step=start if resumed is not None else None)
+    accumulation = cfg.optimization.accumulation_steps
+    # the loader's batches are micro-batches: step s takes its batches s*accumulation .. (s+1)*accumulation - 1
+    loader = build_train_loader(cfg, paths, start_step=start * accumulation, rank=env.rank,
+                                world_size=env.world_size)
     masks = masks_generator(cfg)
     batch = cfg.data.batch_size
     clip_after = schedule.warmup_steps
-    log.info("training %s on %s x %d: steps %d -> %d, batch %d per rank, run dir %s", cfg.name, device,
-             env.world_size, start, total, batch, run.root)
+    log.info("training %s on %s x %d: steps %d -> %d, batch %d per rank x %d accumulation steps = %d clips per step, "
+             "run dir %s", cfg.name, device, env.world_size, start, total, batch, accumulation,
+             batch * accumulation * env.world_size, run.root)
     log.info("one pass over the data is %d steps; the schedules count optimization.ipe=%d steps per epoch",
-             max(1, loader.samples_per_epoch // batch), cfg.optimization.ipe)
+             max(1, loader.samples_per_epoch // (batch * accumulation)), cfg.optimization.ipe)
 
-    pending = StepLog(metrics, batch, lambda: dict(loader.stats), env, health, skipped_total)
+    pending = StepLog(metrics, batch * accumulation, lambda: dict(loader.stats), env, health, skipped_total)
     t_start = time.perf_counter()
     step, stopped_by = start, None
     bar = tqdm(total=total, initial=start, disable=not progress, desc=cfg.name, unit="step", dynamic_ncols=True)
@@ -276,18 +302,17 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
         with StopRequest() as stop:
             while step < total:
                 t0 = time.perf_counter()
-                clips, _labels = next(loader)
-                clips = to_device(clips, device)
+                clips = [to_device(next(loader)[0], device) for _ in range(accumulation)]
                 t_data = time.perf_counter() - t0
                 # drawn on the CPU (no device sync for their sizes) while the device works on the last step
-                masks_enc, masks_pred = draw_masks(masks, cfg, step, device)
+                batches = micro_batches(clips, *draw_masks(masks, cfg, step, device, batch * accumulation))
                 lr, wd = schedule.lr(step + 1), schedule.wd(step + 1)
                 apply_schedule(optimizer, lr, wd)
                 max_norm = cfg.optimization.clip_grad if step >= clip_after else None
                 momentum = schedule.momentum(step)
-                result = train_step(model, optimizer, ema, clips, masks_enc, masks_pred,
-                                    computation=cfg.meta.computation, autocast=autocast_for(cfg, device),
-                                    max_norm=max_norm, momentum=momentum, keep_targets=health.due(step))
+                result = train_step(model, optimizer, ema, batches, computation=cfg.meta.computation,
+                                    autocast=autocast_for(cfg, device), max_norm=max_norm, momentum=momentum,
+                                    keep_targets=health.due(step))
                 pending.add(step, result, lr, wd, momentum, t_data)
                 step += 1
                 bar.update(1)
@@ -312,6 +337,10 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
         pending.flush()
         save(step)
         raise
+    except Exception as e:
+        if env.enabled and dist_utils.is_collective_timeout(e):
+            raise _hung_rank_error(cfg, run, env, step) from e
+        raise
     finally:
         bar.close()
         loader.close()
@@ -324,6 +353,18 @@ def _train(cfg: Config, run: RunDir, resume: bool, device: torch.device, max_ste
              seconds, pending.first_loss, pending.last_loss, pending.skipped_total, run.latest)
     return TrainResult(run.root, start, step, pending.first_loss, pending.last_loss, seconds,
                        pending.skipped_total, stopped_by)
+
+
+def _hung_rank_error(cfg: Config, run: RunDir, env: dist_utils.DistEnv, step: int) -> RunStopped:
+    """What a rank says when a collective timed out: who stopped answering, where, and what is safe."""
+    silent = dist_utils.unanswering_ranks(env)
+    who = f"rank(s) {', '.join(map(str, silent))}" if silent else "another rank"
+    saved = run.checkpoints.latest_step if env.is_main else None
+    kept = f"the last checkpoint (step {saved}) in {run.checkpoints.folder} is intact" if saved is not None else \
+        f"the checkpoints in {run.checkpoints.folder} are intact"
+    return RunStopped(f"rank {env.rank} stopped in step {step}: {who} did not answer for "
+                      f"meta.dist_timeout_minutes={cfg.meta.dist_timeout_minutes:g} (a dead node, a stuck file "
+                      f"system?); {kept}: continue with --resume once all ranks are healthy")
 
 
 def _check_skipped(pending: StepLog, cfg: Config, run: RunDir) -> None:

@@ -38,7 +38,8 @@ from ..config import Config
 from ..errors import UserError
 from ..model import STAGES
 from ..optim import build_optimizer
-from ..step import EMA, autocast_for, build_model, draw_masks, masks_generator, pick_device, to_device, train_step
+from ..step import (EMA, Batch, autocast_for, build_model, draw_masks, masks_generator, pick_device, to_device,
+                    train_step)
 from .ceilings import matmul_tflops
 from .flops import StepFlops, mean_flops, step_flops
 from .report import write_results
@@ -159,7 +160,7 @@ class SyntheticSteps:
             with self.timer.stage("h2d"):
                 clips = to_device(self.host_clips, self.device)
                 enc, pred = ([to_device(m, self.device) for m in ms] for ms in masks)
-            train_step(self.model, self.optimizer, self.ema, clips, enc, pred, computation=self.computation,
+            train_step(self.model, self.optimizer, self.ema, [Batch(clips, enc, pred)], computation=self.computation,
                        autocast=autocast_for(self.cfg, self.device), max_norm=self.cfg.optimization.clip_grad,
                        momentum=0.999, stage=self.timer.stage)
         return masks_ms, step_flops(self.cfg, [m.size(1) for m in enc], [m.size(1) for m in pred])

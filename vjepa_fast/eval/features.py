@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..dali_pipelines.bad_input import SkipTracker, VideoError
-from ..dali_pipelines.loader import iterate, worker_context
+from ..dali_pipelines.loader import iterate, worker_options
 from ..errors import UserError
 from ..models import VisionTransformer
 from ..synthetic import default_cache_dir
@@ -109,9 +109,8 @@ def extract(encoder: VisionTransformer, paths: Sequence[str], spec: ViewSpec, ki
             device: torch.device, batch_size: int, num_workers: int, progress: bool) -> np.ndarray:
     """Write the tokens of every item into `out` [items, V, S*N, D]; returns the bool mask of usable items."""
     encoder = encoder.to(device).eval()
-    loader = torch.utils.data.DataLoader(ViewDataset(paths, spec, kind), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=_collate,
-                                         multiprocessing_context=worker_context(num_workers))
+    loader = torch.utils.data.DataLoader(ViewDataset(paths, spec, kind), batch_size=batch_size, collate_fn=_collate,
+                                         **worker_options(num_workers))
     skips = SkipTracker(tuple(paths))
     usable = np.zeros(len(paths), dtype=bool)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
