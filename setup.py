@@ -21,7 +21,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "pytest-benchmark", "scikit-video", "fvcore"],
+        "test": ["pytest", "pytest-timeout", "pytest-benchmark", "scikit-video", "fvcore", "einops"],
         "dali": ["nvidia-dali-cuda120>=2.4"],  # fn.decoders.video(frames=...); tested with 2.4.0
         "xformers": ["xformers"],
         "fvcore": ["fvcore"],  # per-module FLOP tables (bench step cross-checks its analytic count)

@@ -4,16 +4,18 @@
 #   stage          limit  what, and where the limit comes from (measured 2026-11-29 on the 2-core CPU machine)
 #   env             30 s  versions and the card; imports only
 #   ceilings        45 s  bf16 8192^3 matmul TFLOP/s and 1 GiB device copy GB/s (bench/ceilings.py); CUDA start ~5 s
-#   gpu-tests      150 s  pytest -m gpu (167 cases, the sync-rule test first), --timeout 120 per test: ~89 Triton
-#                         compiles at 0.2-0.95 s each for sm_90 (timed here with Triton's ptxas: ~35 s), one cold
-#                         torch.compile of the blocks (49 s here on the CPU's Inductor; a 16-core box less) and
-#                         the tests themselves
+#   gpu-tests      150 s  pytest -m gpu but the RoPE kernel's (167 cases, the sync-rule test first), --timeout 120 per
+#                         test: ~89 Triton compiles at 0.2-0.95 s each for sm_90 (timed here with Triton's ptxas:
+#                         ~35 s), one cold torch.compile of the blocks (49 s here on the CPU's Inductor; a 16-core
+#                         box less) and the tests themselves
 #   official        75 s  the official ViT-L/16 B=24 step (bench/official.py with --official DIR): it builds the
 #                         model on the CPU (17 s here for ViT-L) then 3 + 10 iterations
 #   step-vitl16    150 s  our ViT-L/16 B=24 step: reference, fast per attention backend, then fast compiled; each
 #                         built on the device (~2 s), 3 + 8 steps and a parity batch; the compiled variant pays a
 #                         cold compilation of the bf16 graphs (the longest part; it runs last so it costs only itself)
-#   kernels         45 s  the Triton kernels vs eager PyTorch at ViT-L/H sizes (~10 compiles, do_bench 0.2 s a row)
+#   kernels         45 s  the Triton kernels vs eager PyTorch at ViT-L/H sizes (~14 compiles, do_bench 0.2 s a row)
+#   gpu-tests-rope  90 s  pytest -m gpu of V-JEPA 2's RoPE kernel (the models' head dims): ~46 compiles at 1.2-2.3 s
+#                         each timed here on 2026-11-30 (sin, cos and fp64 exp2 make them slower than the others)
 #   step-vith16     60 s  the ViT-H/16 step, reference and fast, eager
 #
 # The limits add up to more than 7 minutes because each is an upper bound: a global deadline (380 s after the start)
@@ -103,7 +105,7 @@ PEAK_ARGS=(${PEAK:+--peak-tflops "$PEAK"})
 
 # the sync-rule test first: pytest keeps the order of files named one by one (not of a file and its folder)
 stage gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 tests/test_step_sync.py \
-  $(ls tests/test_*.py | grep -v test_step_sync)
+  $(ls tests/test_*.py | grep -v -e test_step_sync -e test_kernel_rope)
 
 if [ -n "$OFFICIAL" ]; then
   stage official 75 python3 -m bench.official --official "$OFFICIAL" "${OFFICIAL_ARGS[@]}" "${PEAK_ARGS[@]}" --out "$WORK"
@@ -121,6 +123,8 @@ keep "$WORK/main/step_$MAIN_NAME.json" "$WORK/main/step_$MAIN_NAME.png"
 
 stage kernels 45 python3 -m bench.kernels "${KERNELS[@]}" --out "$WORK"
 keep "$WORK/kernels.json"
+
+stage gpu-tests-rope 90 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 tests/test_kernel_rope.py
 
 stage "step-$SECOND_NAME" 60 python3 -m vjepa_fast.cli bench step "${SECOND[@]}" "${STEPS[@]}" "${PEAK_ARGS[@]}" \
   --out "$WORK/second"

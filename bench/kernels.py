@@ -3,12 +3,13 @@
     python -m bench.kernels [--out bench/out] [--quick] [--compile]
 
 For each op at ViT-L (D=1024) and ViT-H (D=1280) sizes (B=24, N=1568; context masks K=368, 112; target masks
-K=760, 1120; EMA over the encoder's parameter count), the median time (triton.testing.do_bench), the bytes the op
-must move divided by that time, and that as a share of a measured device-to-device copy. Targets (docs/design.md,
-section 7): faster than eager and compiled, >= 70% of copy bandwidth. The compiled references are opt-in: their cold
-compilations take most of a run's time. Each row is printed, and kernels.json / kernels.md under --out rewritten,
-as soon as it is measured. Without CUDA only --quick runs: tiny sizes, the kernels in the Triton interpreter, no
-torch.compile, wall-clock timing: a smoke test of this script, not numbers.
+K=760, 1120; RoPE of the context rows' q and k at 16 heads; EMA over the encoder's parameter count), the median
+time (triton.testing.do_bench), the bytes the op must move divided by that time, and that as a share of a measured
+device-to-device copy. Targets (docs/design.md, section 7): faster than eager and compiled, >= 70% of copy
+bandwidth. The compiled references are opt-in: their cold compilations take most of a run's time. Each row is
+printed, and kernels.json / kernels.md under --out rewritten, as soon as it is measured. Without CUDA only --quick
+runs: tiny sizes, the kernels in the Triton interpreter, no torch.compile, wall-clock timing: a smoke test of this
+script, not numbers.
 """
 import argparse
 import os
@@ -24,10 +25,12 @@ from vjepa_fast import kernels  # noqa: E402
 from vjepa_fast.bench.ceilings import copy_gbps, make_timer  # noqa: E402
 from vjepa_fast.bench.report import write_results  # noqa: E402
 
-FULL = {"batch": 24, "tokens": 1568, "context_k": (368, 112), "target_k": (760, 1120),
-        "sizes": {"vit_l": {"dim": 1024, "depth": 24}, "vit_h": {"dim": 1280, "depth": 32}}, "patch": 16}
-QUICK = {"batch": 2, "tokens": 16, "context_k": (5, 3), "target_k": (9, 12),
-         "sizes": {"tiny_64": {"dim": 64, "depth": 1}, "tiny_80": {"dim": 80, "depth": 1}}, "patch": 2}
+FULL = {"batch": 24, "tokens": 1568, "context_k": (368, 112), "target_k": (760, 1120), "grid": (8, 14, 14),
+        "sizes": {"vit_l": {"dim": 1024, "depth": 24, "heads": 16}, "vit_h": {"dim": 1280, "depth": 32, "heads": 16}},
+        "patch": 16}
+QUICK = {"batch": 2, "tokens": 16, "context_k": (5, 3), "target_k": (9, 12), "grid": (1, 4, 4),
+         "sizes": {"tiny_64": {"dim": 64, "depth": 1, "heads": 4}, "tiny_80": {"dim": 80, "depth": 1, "heads": 4}},
+         "patch": 2}
 
 
 def vit_param_shapes(dim, depth, patch, tubelet=2, mlp_ratio=4):
@@ -88,6 +91,29 @@ def loss_cases(cfg, dim, device, compiled):
     ], lambda: kernels.masked_l1_loss(pred, target, idx) - kernels.masked_l1_loss_reference(pred, target, idx).float()
 
 
+def rope_cases(cfg, size, device, compiled):
+    """[(pass, bytes, {impl: fn})] for V-JEPA 2's 3D RoPE of the queries and keys of the context encoder's packed
+    rows (both masks; bf16 qkv, one launch over q and k), and fn() -> forward diff."""
+    batch, ks, (t, h, w) = cfg["batch"], cfg["context_k"], cfg["grid"]
+    heads, hd = size["heads"], size["dim"] // size["heads"]
+    g = torch.Generator().manual_seed(2)
+    ids = torch.cat([m.reshape(-1) for m in _sorted_masks(batch, t * h * w, ks, g, device)])
+    pos = kernels.grid_positions(ids, h, w)
+    rows = ids.numel()
+    qkv = torch.randn(rows, 3 * heads, hd, generator=g).to(device, torch.bfloat16)
+    qk = qkv[:, :2 * heads]  # the q and k heads of the packed qkv matrix, a strided view
+    qkg = qk.detach().clone().requires_grad_()
+    grad_out = torch.randn(rows, 2 * heads, hd, generator=g).to(device, torch.bfloat16)
+    impls = {"triton": kernels.rope, "eager": kernels.rope_reference, "compiled": compiled}
+    fwd_bytes = rows * (2 * size["dim"] * 2 * 2 + 3 * 4)  # q and k rows in and out (bf16); the positions
+    bwd_bytes = rows * 2 * size["dim"] * 2 * 2  # grad rows in and out
+    return [
+        ("fwd", fwd_bytes, {k: (lambda f=f: f(qk, pos)) if f else None for k, f in impls.items()}),
+        ("fwd+bwd", fwd_bytes + bwd_bytes,
+         {k: (lambda f=f: _grads(f(qkg, pos), qkg, grad_out)) if f else None for k, f in impls.items()}),
+    ], lambda: kernels.rope(qk, pos).float() - kernels.rope_reference(qk, pos).float()
+
+
 def ema_cases(cfg, size, device, compiled):
     """[(pass, bytes, {impl: fn})] for the EMA of a ViT's fp32 parameters (Triton over one flat buffer, the
     references over the per-parameter tensors, views of the same buffer), and fn() -> update diff."""
@@ -119,7 +145,7 @@ def run(quick=False, use_compile=False, on_row=None):
     timer = make_timer(quick)
     use_compile = use_compile and device.type == "cuda"
     references = {"pack_tokens": kernels.pack_tokens_reference, "masked_l1_loss": kernels.masked_l1_loss_reference,
-                  "ema": kernels.ema_reference_}
+                  "rope": kernels.rope_reference, "ema": kernels.ema_reference_}
     compiled = {op: torch.compile(fn, dynamic=False) if use_compile else None for op, fn in references.items()}
     copy = copy_gbps(timer, device, (4 << 20) if quick else (1 << 30))
     results = []
@@ -133,6 +159,7 @@ def run(quick=False, use_compile=False, on_row=None):
         for op, (cases, diff) in {
             "pack_tokens": pack_cases(cfg, size["dim"], device, compiled["pack_tokens"]),
             "masked_l1_loss": loss_cases(cfg, size["dim"], device, compiled["masked_l1_loss"]),
+            "rope": rope_cases(cfg, size, device, compiled["rope"]),
             "ema": ema_cases(cfg, size, device, compiled["ema"]),
         }.items():
             max_diff = diff().abs().max().item()

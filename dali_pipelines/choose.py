@@ -41,12 +41,14 @@ def dali_installed() -> bool:
         return False
 
 
-def choose_loader(requested: str, dataset: DatasetIndex) -> LoaderChoice:
-    """The loader `requested` ('auto', 'dali' or 'pyav') means on this machine for `dataset`."""
+def choose_loader(requested: str, dataset: DatasetIndex, spec: ClipSpec | None = None) -> LoaderChoice:
+    """The loader `requested` ('auto', 'dali' or 'pyav') means on this machine for `dataset` (and clips `spec`)."""
     if requested not in LOADERS:
         raise UserError(f"unknown loader {requested!r}: expected one of {', '.join(LOADERS)}")
     if requested == "pyav":
         return LoaderChoice("pyav", "cpu", "data.loader is pyav")
+    if requested == "auto" and spec is not None and len(spec.clip_lengths) > 1:
+        return LoaderChoice("pyav", "cpu", f"clips of several lengths {spec.clip_lengths} (DALI stacks one per batch)")
     cuda = torch.cuda.is_available()
     if requested == "dali":
         if not dali_installed():
@@ -84,7 +86,7 @@ def make_loader(paths: Sequence[str], spec: ClipSpec, *, batch_size: int, seed: 
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     dataset = read_dataset_files(paths, weights)
-    choice = choose_loader(loader, dataset)
+    choice = choose_loader(loader, dataset, spec)
     logger.info("data loader: %s on the %s (%s)", choice.name, choice.device.upper(), choice.reason)
     arguments = dict(batch_size=batch_size, seed=seed, start_step=start_step, rank=rank, world_size=world_size,
                      num_workers=num_workers)

@@ -33,13 +33,18 @@ class ClipPlan:
     flip: bool
 
 
-def plan_clip(path: str, spec: ClipSpec, rng: np.random.Generator) -> ClipPlan:
-    """Probe `path` and draw its clip's frames, box and flip from `rng` (none drawn in eval mode); raises VideoError
-    for an unusable or too-short video."""
+def plan_clip(path: str, spec: ClipSpec, rng: np.random.Generator, source: int = 0) -> ClipPlan:
+    """Probe `path` (a video of dataset file `source`) and draw its clip's frames, box and flip from `rng` (none
+    drawn in eval mode); raises VideoError for an unusable or too-short video."""
     info = probe_video(path)
-    if info.num_frames < spec.required_frames:
-        raise VideoError("too_short", f"{info.num_frames} frames, at least {spec.required_frames} needed")
-    frames = frame_indices(info.num_frames, spec.num_frames, spec.sampling_rate, rng if spec.train else None)
+    num_frames = spec.frames_for(source)
+    if info.num_frames < spec.required_frames(num_frames):
+        raise VideoError("too_short", f"{info.num_frames} frames, at least {spec.required_frames(num_frames)} needed")
+    step = spec.frame_step(info.fps)
+    if step < 1:
+        why = f"{info.fps:g} fps, slower than" if info.fps > 0 else "no frame rate in the file, needed for"
+        raise VideoError("unsupported", f"{why} the {spec.fps:g} fps clips are sampled at")
+    frames = frame_indices(info.num_frames, num_frames, step, rng if spec.train else None)
     if not spec.train:
         return ClipPlan(path, info, frames, centre_square_box(info.height, info.width), False)
     box = random_resized_crop_box(info.height, info.width, spec.random_resize_scale,
@@ -63,7 +68,7 @@ def load_first_usable(dataset: DatasetIndex, spec: ClipSpec, seed: int, key: tup
         if attempt > 0:
             index = int(rng.choice(len(dataset), p=dataset.probabilities))
         try:
-            loaded = load(plan_clip(dataset.paths[index], spec, rng))
+            loaded = load(plan_clip(dataset.paths[index], spec, rng, int(dataset.sources[index])))
         except VideoError as error:
             attempts.append((index, error.reason, error.detail))
             continue

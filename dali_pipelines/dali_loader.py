@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .bad_input import VideoError
 from .clip_plan import ClipPlan, load_first_usable
 from .dataset_file import DatasetIndex
@@ -55,6 +56,9 @@ class DaliClipLoader(StepLoader):
 
     def __init__(self, dataset: DatasetIndex, spec: ClipSpec, *, batch_size: int, seed: int, start_step: int,
                  rank: int, world_size: int, num_workers: int, device: str):
+        if len(spec.clip_lengths) > 1:
+            raise UserError(f"the DALI loader stacks one clip length per batch; clips of {spec.clip_lengths} frames "
+                            f"(data.dataset_fpcs) need data.loader=pyav")
         super().__init__(dataset, start_step=start_step, rank=rank, world_size=world_size, seed=seed)
         self.dataset, self.spec, self.seed, self.batch_size = dataset, spec, seed, batch_size
         self.device = device

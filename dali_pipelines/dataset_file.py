@@ -14,10 +14,16 @@ from ..errors import UserError
 
 @dataclass(frozen=True)
 class DatasetIndex:
-    """All samples of the dataset files: video paths, int labels, and sampling probabilities (None = uniform)."""
+    """All samples of the dataset files: video paths, int labels, the dataset file each came from, and sampling
+    probabilities (None = uniform)."""
     paths: tuple[str, ...]
     labels: np.ndarray  # int64 [N]
     probabilities: np.ndarray | None  # float64 [N], sums to 1
+    sources: np.ndarray | None = None  # int64 [N]: index of the dataset file (None: all from one file)
+
+    def __post_init__(self):
+        if self.sources is None:
+            object.__setattr__(self, "sources", np.zeros(len(self.paths), dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -57,11 +63,12 @@ def read_dataset_files(paths: Sequence[str], weights: Sequence[float] | None = N
         raise UserError("no dataset files given")
     if weights is not None and len(weights) != len(paths):
         raise UserError(f"got {len(weights)} dataset weights for {len(paths)} dataset files {list(paths)}")
-    all_videos, all_labels, sample_weights = [], [], []
+    all_videos, all_labels, sample_weights, sources = [], [], [], []
     for file_number, path in enumerate(paths):
         videos, labels = read_dataset_file(path)
         all_videos += videos
         all_labels += labels
+        sources += [file_number] * len(videos)
         if weights is not None:
             weight = float(weights[file_number])
             if not (np.isfinite(weight) and weight >= 0):
@@ -73,4 +80,5 @@ def read_dataset_files(paths: Sequence[str], weights: Sequence[float] | None = N
         if probabilities.sum() <= 0:
             raise UserError(f"dataset weights {list(weights)} are all zero")
         probabilities /= probabilities.sum()
-    return DatasetIndex(tuple(all_videos), np.asarray(all_labels, dtype=np.int64), probabilities)
+    return DatasetIndex(tuple(all_videos), np.asarray(all_labels, dtype=np.int64), probabilities,
+                        np.asarray(sources, dtype=np.int64))

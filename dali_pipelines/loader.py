@@ -165,16 +165,23 @@ class StepBatches:
             step += 1
 
 
-def collate_clips(items):
+def collate_clips(items, lengths: tuple[int, ...] | None = None):
     """Stack a batch's clips (default_collate: in a worker, straight into shared memory, saving a copy) and labels;
-    concatenate their load attempts."""
+    concatenate their load attempts. With several clip `lengths` (ClipSpec.clip_lengths), one stack per length
+    present, in that order (as the official collator groups them): lists of clips and labels."""
     clips, labels, attempts = zip(*items)
-    return (torch.utils.data.default_collate(list(clips)), torch.tensor(labels, dtype=torch.int64),
-            [a for item in attempts for a in item])
+    attempts = [a for item in attempts for a in item]
+    if lengths is None or len(lengths) == 1:
+        return torch.utils.data.default_collate(list(clips)), torch.tensor(labels, dtype=torch.int64), attempts
+    groups = [[i for i, clip in enumerate(clips) if clip.shape[1] == length] for length in lengths]
+    groups = [g for g in groups if g]
+    return ([torch.utils.data.default_collate([clips[i] for i in g]) for g in groups],
+            [torch.tensor([labels[i] for i in g], dtype=torch.int64) for g in groups], attempts)
 
 
 class StepLoader:
-    """Iterator of (clips float32 [B, 3, T, S, S], labels int64 [B]); `step` is the index of the next batch, and
+    """Iterator of (clips float32 [B, 3, T, S, S], labels int64 [B]); with several clip lengths (ClipSpec
+    .source_frames), lists of them, one per length present in the batch. `step` is the index of the next batch, and
     `samples_per_epoch` the number of clips of one pass over the dataset on this rank.
 
     `stats` counts skipped videos by reason, `bad_files` maps each skipped path (logged once) to its reason.
@@ -222,7 +229,7 @@ class PyAVClipLoader(StepLoader):
         data_loader = torch.utils.data.DataLoader(
             self._clips,
             batch_sampler=StepBatches(self.order, self.batch_size, step),
-            collate_fn=collate_clips,
+            collate_fn=functools.partial(collate_clips, lengths=self._clips.spec.clip_lengths),
             pin_memory=torch.cuda.is_available(),
             **worker_options(self.num_workers),
         )

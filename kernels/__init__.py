@@ -7,6 +7,7 @@ from ._common import runs_on, to_device
 from .ema import FlatParams, ema_, ema_reference_, flatten_params
 from .masked_l1_loss import masked_l1_loss, masked_l1_loss_reference
 from .pack_tokens import pack_tokens, pack_tokens_reference
+from .rope import grid_positions, rope, rope_reference
 
 __all__ = [
     "runs_on",
@@ -19,4 +20,7 @@ __all__ = [
     "pack_tokens_reference",
     "masked_l1_loss",
     "masked_l1_loss_reference",
+    "rope",
+    "rope_reference",
+    "grid_positions",
 ]

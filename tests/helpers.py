@@ -1,4 +1,11 @@
-"""Small shared builders for tests: tiny configs and models that run in milliseconds on CPU."""
+"""Small shared builders for tests: tiny configs and models that run in milliseconds on CPU, and training runs in
+a subprocess (for tests that kill them)."""
+import csv
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -35,6 +42,44 @@ def save_networks(model, cfg, path, step=0):
     networks = {name: getattr(model, name).state_dict() for name in NETWORKS}
     return save_training_state(TrainingState(step, cfg.to_dict(), networks, optimizer={}, rng={}, health={},
                                              skipped_steps=0), path)
+
+
+def subprocess_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)  # CPU subprocesses take the kernels' PyTorch references: faster
+    return env
+
+
+def start_training(run_dir, max_steps, overrides, resume=False):
+    """`vjepa-fast train` of the demo config with `overrides` in a subprocess (stdout and stderr merged)."""
+    cmd = [sys.executable, "-m", "vjepa_fast.cli", "train", "--run-dir", str(run_dir), "--max-steps", str(max_steps),
+           "--no-progress", *(["--resume"] if resume else [])]
+    cmd += [x for o in overrides for x in ("--set", o)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
+
+
+def run_training(run_dir, max_steps, overrides, resume=False):
+    proc = start_training(run_dir, max_steps, overrides, resume=resume)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def metric_rows(run_dir):
+    """The run's metrics.csv rows (none before the first flush)."""
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"training ended early: {proc.communicate()[0][-3000:]}"
+        assert time.time() < deadline, "timed out waiting for the run"
+        time.sleep(0.05)
 
 
 # Triton kernels run on CUDA, and on CPU tensors only under the Triton interpreter.

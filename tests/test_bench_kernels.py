@@ -14,7 +14,7 @@ def test_quick_run_writes_report(tmp_path):
     sizes = bench_kernels.QUICK["sizes"]
     assert rows == {(op, size, p) for size in sizes for op, p in [
         ("pack_tokens", "fwd"), ("pack_tokens", "fwd+bwd"), ("masked_l1_loss", "fwd"),
-        ("masked_l1_loss", "fwd+bwd"), ("ema", "update")]}
+        ("masked_l1_loss", "fwd+bwd"), ("rope", "fwd"), ("rope", "fwd+bwd"), ("ema", "update")]}
     for r in report["results"]:
         assert {"dim", "bytes", "ms", "gbps", "pct_of_copy", "speedup_vs_eager", "speedup_vs_compiled",
                 "max_abs_diff_vs_eager"} <= r.keys()

@@ -1,4 +1,5 @@
 """Smoke tests of the CPU-runnable benchmark commands (no timing asserts)."""
+import dataclasses
 import importlib.util
 import json
 import time
@@ -65,18 +66,38 @@ def test_any_exception_of_a_variant_is_recorded_and_the_others_run(tmp_path, mon
 def test_mask_drawing_is_timed_on_the_host_and_left_out_of_the_step():
     runner = step.SyntheticSteps(tiny_config(), "reference", "sdpa", torch.device("cpu"))
     drawn = []
-    real = runner.masks.gen
+    (generator,) = runner.masks.values()  # one clip length
+    real = generator.gen
 
     def gen(*args, **kwargs):
         out = real(*args, **kwargs)
         drawn.append(time.perf_counter())
         return out
 
-    runner.masks.gen = gen
+    generator.gen = gen
     masks_ms, _ = runner.run(0)
     marks = runner.timer.steps[-1]
     assert marks[-1][0] == "step" and masks_ms > 0  # the outermost stage, the step, ends last
     assert all(start >= drawn[0] for _, start, _ in marks)  # every timed stage began after the masks were drawn
+
+
+def test_clips_of_several_lengths_are_timed_as_training_groups_them():
+    cfg = tiny_config("model.use_rope=true", "model.embed_dim=48", "model.num_heads=2", "model.pred_embed_dim=24",
+                      "model.pred_num_heads=2", "data.dataset_fpcs=[2, 4, 4]", "data.datasets=[a, b, c]",
+                      "data.batch_size=5")
+    assert step.clip_groups(cfg) == {2: 2, 4: 3}  # by the datasets' weights: 1/3 and 2/3 of 5 clips
+    weighted = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, datasets_weights=[0.8, 0.1, 0.1]))
+    assert step.clip_groups(weighted) == {2: 4, 4: 1}
+    assert step.clip_groups(tiny_config("data.batch_size=5")) == {4: 5}
+    batch = step.synthetic_batch(cfg, torch.device("cpu"), step=1)
+    assert [c.shape[:3] for c in batch.clips] == [(2, 3, 2), (3, 3, 4)] and len(batch.masks_enc) == 2
+    assert [[m.size(0) for m in masks] for masks in batch.masks_enc] == [[2, 2], [3, 3]]
+    result = step.run(cfg, steps=1, warmup=1)
+    assert result["clips_per_length"] == {2: 2, 4: 3} and "clips per length {2: 2, 4: 3}" in step.markdown(result)
+    ref, fast = result["variants"]
+    assert ref["error"] is None and fast["error"] is None and fast["loss_rel_err"] < 1e-5
+    one_length = step.batch_flops(cfg, step.Batch(batch.clips[1], batch.masks_enc[1], batch.masks_pred[1])).total
+    assert step.batch_flops(cfg, batch).total > one_length > 0  # both groups' work is counted
 
 
 def test_variant_order_puts_compiled_variants_last():

@@ -15,6 +15,7 @@ import torch
 from helpers import TINY, tiny_config
 from vjepa_fast import checkpoint as ckpt
 from vjepa_fast import cli
+from vjepa_fast import distributed as dist_utils
 from vjepa_fast.config import load_config
 from vjepa_fast.errors import RunStopped, UserError
 from vjepa_fast.model import NETWORKS, VJEPA
@@ -226,6 +227,16 @@ HANG = textwrap.dedent("""\
     from vjepa_fast import cli
     sys.exit(cli.main(sys.argv[1:]))
     """)
+
+
+@pytest.mark.parametrize("message, is_timeout", [
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out waiting 6000ms for recv operation", True),
+    ("Application timeout caused pair closure", True),  # the backward's all-reduce, on a connection a timeout closed
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
+])
+def test_gloo_timeouts_are_recognised_in_either_wording(message, is_timeout):
+    assert dist_utils.is_collective_timeout(RuntimeError(message)) is is_timeout
+    assert not dist_utils.is_collective_timeout(ValueError(message))
 
 
 def test_a_rank_that_stops_answering_is_named_within_the_timeout(tiny_dataset, tmp_path):

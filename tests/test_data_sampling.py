@@ -161,7 +161,7 @@ def test_flip_mirrors_and_full_box_is_a_plain_resize():
 def test_clip_spec_validates_and_normalises():
     spec = ClipSpec(random_resize_scale=[0.5, 1], random_resize_aspect_ratio=[1, 1])
     assert spec.random_resize_scale == (0.5, 1.0) and hash(spec)
-    assert spec.required_frames == 16 and ClipSpec(min_frames=3).required_frames == 3
+    assert spec.required_frames() == 16 and ClipSpec(min_frames=3).required_frames() == 3
     with pytest.raises(ValueError, match="num_frames"):
         ClipSpec(num_frames=0)
     with pytest.raises(ValueError, match="random_resize_scale"):

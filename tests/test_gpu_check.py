@@ -29,7 +29,7 @@ def test_every_stage_runs_and_succeeds(dry_run):
     log = (out / "gpu_check.log").read_text()
     stages = re.findall(r"^=== (\S+): (exit \d+|skipped.*)", log, flags=re.M)
     expected = ["env", "ceilings", "gpu-tests", *(["official"] if OFFICIAL else []), "step-demo", "kernels",
-                "step-demo"]
+                "gpu-tests-rope", "step-demo"]
     assert [name for name, _ in stages if not _.startswith("skipped (no --official")] == expected, stages
     assert all(status == "exit 0" for name, status in stages if name in expected), stages
     assert "deselected" in log and "error" not in log.split("=== gpu-tests")[1].split("===")[0].lower()

@@ -1,15 +1,12 @@
 """Training that survives kills, preemption and bad numbers (each run in a subprocess where a signal is involved)."""
-import csv
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from helpers import TINY
+from helpers import TINY, metric_rows, run_training, start_training, subprocess_env, wait_for
 from vjepa_fast.checkpoint import load_checkpoint, save_checkpoint, verify_checksum
 from vjepa_fast.config import load_config
 from vjepa_fast.errors import RunStopped
@@ -23,42 +20,6 @@ def _overrides(dataset, *extra):
     return [*TINY, f"data.datasets=[{dataset.motion_train_csv}]", "logging.log_every=1", *extra]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)  # CPU subprocesses take the kernels' PyTorch references: faster
-    return env
-
-
-def _start(run_dir, dataset, max_steps, *extra, resume=False):
-    cmd = [sys.executable, "-m", "vjepa_fast.cli", "train", "--run-dir", str(run_dir), "--max-steps", str(max_steps),
-           "--no-progress", *(["--resume"] if resume else [])]
-    cmd += [x for o in _overrides(dataset, *extra) for x in ("--set", o)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-
-
-def _run(run_dir, dataset, max_steps, *extra, resume=False):
-    proc = _start(run_dir, dataset, max_steps, *extra, resume=resume)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def _rows(run_dir):
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def _wait_for(predicate, proc, timeout=120):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"training ended early: {proc.communicate()[0][-3000:]}"
-        assert time.time() < deadline, "timed out waiting for the run"
-        time.sleep(0.05)
-
-
 def _assert_same_weights(a, b):
     for net in NETS:
         for key, value in a[net].items():
@@ -67,33 +28,34 @@ def _assert_same_weights(a, b):
 
 def test_sigkill_mid_run_then_resume_ends_with_the_uninterrupted_weights(tiny_dataset, tmp_path):
     extra = ("logging.checkpoint_every=2",)
-    _run(tmp_path / "straight", tiny_dataset, 8, *extra)
-    proc = _start(tmp_path / "killed", tiny_dataset, 8, *extra)
+    run_training(tmp_path / "straight", 8, _overrides(tiny_dataset, *extra))
+    proc = start_training(tmp_path / "killed", 8, _overrides(tiny_dataset, *extra))
     ckpt = tmp_path / "killed" / "checkpoints" / "latest.pt"
-    _wait_for(lambda: ckpt.exists() and len(_rows(tmp_path / "killed")) >= 3, proc)
+    wait_for(lambda: ckpt.exists() and len(metric_rows(tmp_path / "killed")) >= 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = load_checkpoint(ckpt)["step"]
     assert 2 <= killed_at < 8
-    _run(tmp_path / "killed", tiny_dataset, 8, *extra, resume=True)
+    run_training(tmp_path / "killed", 8, _overrides(tiny_dataset, *extra), resume=True)
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
     b = load_checkpoint(ckpt)
     assert a["step"] == b["step"] == 8
     _assert_same_weights(a, b)
-    assert [r["loss"] for r in _rows(tmp_path / "killed")] == [r["loss"] for r in _rows(tmp_path / "straight")]
+    losses = [[r["loss"] for r in metric_rows(tmp_path / run)] for run in ("killed", "straight")]
+    assert losses[0] == losses[1]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_dataset, tmp_path):
     run = tmp_path / "run"
-    proc = _start(run, tiny_dataset, 500)
-    _wait_for(lambda: len(_rows(run)) >= 3, proc)
+    proc = start_training(run, 500, _overrides(tiny_dataset))
+    wait_for(lambda: len(metric_rows(run)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     assert "stopped by SIGTERM" in out
     state = load_checkpoint(run / "checkpoints" / "latest.pt")
-    assert 3 <= state["step"] < 500 and state["step"] == len(_rows(run))
-    _run(run, tiny_dataset, state["step"] + 2, resume=True)
+    assert 3 <= state["step"] < 500 and state["step"] == len(metric_rows(run))
+    run_training(run, state["step"] + 2, _overrides(tiny_dataset), resume=True)
     assert load_checkpoint(run / "checkpoints" / "latest.pt")["step"] == state["step"] + 2
 
 
@@ -103,8 +65,8 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
     writer = (f"import torch; from vjepa_fast.checkpoint import save_checkpoint\n"
               f"big = torch.zeros(300_000_000, dtype=torch.uint8)\n"
               f"while True: save_checkpoint({{'step': 2, 'big': big}}, {str(path)!r})\n")
-    proc = subprocess.Popen([sys.executable, "-c", writer], env=_env())
-    _wait_for(lambda: any(p.name.endswith(".tmp") and p.stat().st_size > 0 for p in tmp_path.iterdir()), proc)
+    proc = subprocess.Popen([sys.executable, "-c", writer], env=subprocess_env())
+    wait_for(lambda: any(p.name.endswith(".tmp") and p.stat().st_size > 0 for p in tmp_path.iterdir()), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert load_checkpoint(path)["step"] in (1, 2)  # the old file, or a complete new one: never a torn one
@@ -142,7 +104,7 @@ def test_a_non_finite_step_is_skipped_without_touching_any_state(tiny_dataset, t
     for i, state in opt_before.items():
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(state[key], opt_after[i][key])
-    rows = _rows(tmp_path / "run")
+    rows = metric_rows(tmp_path / "run")
     assert [r["skipped_step"] for r in rows] == ["0", "1"] and rows[1]["skipped_steps_total"] == "1"
 
 

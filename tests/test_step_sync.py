@@ -9,13 +9,15 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import SMALL, tiny_batch, tiny_config
+from helpers import SMALL, tiny_config
 from vjepa_fast.distributed import DistEnv
 from vjepa_fast.health import HealthMonitor
 from vjepa_fast.optim import apply_schedule, build_optimizer
-from vjepa_fast.step import (EMA, Batch, autocast_for, build_model, draw_masks, masks_generator, to_device,
-                             train_step)
+from vjepa_fast.step import EMA, autocast_for, build_model, masks_generators, step_batches, to_device, train_step
 from vjepa_fast.train import StepLog
+
+# V-JEPA 2: RoPE, and clips of two lengths in every batch (positions from token ids, several packed groups).
+V2 = ["model.use_rope=true", "model.pred_num_heads=2", "data.dataset_fpcs=[2, 4]", "data.datasets=[a.csv, b.csv]"]
 
 # aten ops whose result the host must read (on CUDA: wait for) to go on
 HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten.allclose")
@@ -68,45 +70,52 @@ def test_the_recorder_catches_host_reads():
 
 
 class StepLoop:
-    """The per-step work of train.py's loop, without the loader and the flushes."""
+    """The per-step work of train.py's loop, without the loader and the flushes: a group of clips per clip length
+    of the config, the step's masks drawn as training draws them."""
 
     def __init__(self, cfg, computation, device):
         self.cfg, self.computation, self.device = cfg, computation, device
         self.model = build_model(cfg, device)
         self.ema = EMA(self.model, fused=computation == "fast")
         self.optimizer = build_optimizer(cfg.optimization, self.model.encoder, self.model.predictor)
-        self.masks = masks_generator(cfg)
+        self.masks = masks_generators(cfg)
         self.health = HealthMonitor(every=2)
         self.log = StepLog(None, cfg.data.batch_size, dict, DistEnv(), self.health)
-        clips = tiny_batch(cfg)[0]
-        self.host_clips = clips.pin_memory() if device.type == "cuda" else clips
+        g, d = torch.Generator().manual_seed(0), cfg.data
+        clips = [torch.randn(d.batch_size, 3, frames, d.crop_size, d.crop_size, generator=g) for frames in self.masks]
+        self.host_clips = [c.pin_memory() for c in clips] if device.type == "cuda" else clips
 
-    def step(self, step, masks=None):
-        clips = to_device(self.host_clips, self.device)
-        masks_enc, masks_pred = masks or draw_masks(self.masks, self.cfg, step, self.device)
+    def batches(self, step):
+        clips = [to_device(c, self.device) for c in self.host_clips]
+        return step_batches([clips[0] if len(clips) == 1 else clips], self.masks, self.cfg, step, self.device)
+
+    def step(self, step, batches=None):
         apply_schedule(self.optimizer, 1e-3, 0.04)
-        result = train_step(self.model, self.optimizer, self.ema, [Batch(clips, masks_enc, masks_pred)],
+        result = train_step(self.model, self.optimizer, self.ema, batches or self.batches(step),
                             computation=self.computation, autocast=autocast_for(self.cfg, self.device),
                             max_norm=1.0, momentum=0.99, keep_targets=self.health.due(step))
         self.log.add(step, result, 1e-3, 0.04, 0.99, 0.0)
 
 
+@pytest.mark.parametrize("v2", [False, True], ids=["vjepa", "vjepa2"])
 @pytest.mark.parametrize("computation", ["reference", "fast"])
-def test_a_cpu_step_reads_nothing_back_to_the_host(computation):
-    loop = StepLoop(tiny_config(), computation, torch.device("cpu"))
-    masks = [draw_masks(loop.masks, loop.cfg, step, loop.device) for step in range(3)]  # drawn on the host
+def test_a_cpu_step_reads_nothing_back_to_the_host(computation, v2):
+    loop = StepLoop(tiny_config(*(V2 if v2 else [])), computation, torch.device("cpu"))
+    batches = [loop.batches(step) for step in range(3)]  # masks drawn on the host
     with HostReads() as reads:
         for step in range(3):
-            loop.step(step, masks[step])
+            loop.step(step, batches[step])
     assert reads.seen == []
     rows = loop.log.flush()
     assert rows["step"] == 2 and 0 < rows["loss"] < 10 and rows["health_token_spread"] > 0
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("computation,compiled", [("reference", False), ("fast", False), ("fast", True)])
-def test_cuda_steps_never_synchronise(computation, compiled):
-    cfg = tiny_config(f"model.compile={str(compiled).lower()}", *SMALL)
+@pytest.mark.parametrize("computation,compiled,v2",
+                         [("reference", False, False), ("fast", False, False), ("fast", True, False),
+                          ("fast", False, True)])
+def test_cuda_steps_never_synchronise(computation, compiled, v2):
+    cfg = tiny_config(f"model.compile={str(compiled).lower()}", *SMALL, *(V2 if v2 else []))
     loop = StepLoop(cfg, computation, torch.device("cuda"))
     for step in range(2):  # warm-up: compilation, first allocations, library handles
         loop.step(step)

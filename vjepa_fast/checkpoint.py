@@ -356,6 +356,13 @@ def networks_of(state: Mapping, source: str | Path) -> dict[str, dict]:
     return {k: v for k, v in official_networks(state, source).items() if k in NETWORKS}
 
 
+def optimizer_of(state: Mapping) -> dict | None:
+    """The optimizer state of a checkpoint in memory (ours: `optimizer`; official: `opt`), None when it has none.
+    Both lay out AdamW's parameter groups the same way (the encoder's and the predictor's decayed parameters, then
+    their not decayed ones; optim.param_groups)."""
+    return state.get("optimizer") if is_ours(state) else state.get("opt")
+
+
 def export_official(state: TrainingState, path: str | Path) -> Path:
     """Write one of our checkpoints in the official layout: `module.backbone.` keys, `opt` (the param groups are
     in the official order), `epoch` (completed epochs), `batch_size`, `world_size`, `lr`, `scaler`."""
@@ -371,26 +378,49 @@ def export_official(state: TrainingState, path: str | Path) -> Path:
 # ---- frozen encoders ---------------------------------------------------------------------------
 
 def load_encoder(path: str | Path, key: str = "target_encoder", *, num_frames: int | None = None,
-                 num_heads: int | None = None) -> VisionTransformer:
+                 num_heads: int | None = None, use_rope: bool | None = None,
+                 img_size: int | None = None) -> VisionTransformer:
     """A frozen encoder (eval mode, no grad) mapping [B, 3, T, H, W] clips to [B, N, D] features.
 
-    Takes our checkpoints (architecture from their config) and official ones (architecture inferred from
-    the weights; `num_frames` defaults to 16 and `num_heads` to the named model of that width).
+    Takes our checkpoints (architecture from their config) and official V-JEPA and V-JEPA 2 ones (architecture
+    inferred from the weights, see models.build.encoder_from_weights; `num_frames` defaults to 16). An official
+    file is a RoPE one when its encoder has no pos_embed, or when it is a released V-JEPA 2 model file: those carry
+    an unused sin-cos table, and their predictor ten mask tokens. How a file with a table is read is logged;
+    `use_rope` overrides.
     """
-    return encoder_from_checkpoint(load_checkpoint(path), path, key, num_frames=num_frames, num_heads=num_heads)
+    return encoder_from_checkpoint(load_checkpoint(path), path, key, num_frames=num_frames, num_heads=num_heads,
+                                   use_rope=use_rope, img_size=img_size)
+
+
+# The released V-JEPA 2 model files hold ten predictor mask tokens (their loader builds the predictor with ten) and an
+# unused sin-cos table; training checkpoints of either version hold one token per mask config and clip length.
+RELEASED_VJEPA2_MASK_TOKENS = 10
+
+
+def _mask_token_count(predictor: Mapping) -> int:
+    return sum(1 for name in predictor if name.startswith("mask_tokens."))
 
 
 def encoder_from_checkpoint(state: Mapping, source: str | Path, key: str = "target_encoder", *,
-                            num_frames: int | None = None, num_heads: int | None = None) -> VisionTransformer:
+                            num_frames: int | None = None, num_heads: int | None = None,
+                            use_rope: bool | None = None, img_size: int | None = None) -> VisionTransformer:
     """load_encoder for a checkpoint already in memory (`source` names it in errors)."""
     if key not in ("encoder", "target_encoder"):
         raise UserError(f"key must be 'encoder' or 'target_encoder', got {key!r}")
     networks = networks_of(state, source)
     if key not in networks:
         raise UserError(f"{source}: no {key!r} entry")
+    weights = networks[key]
     if is_ours(state):
         encoder = build_encoder(config_from_dict(state["config"]))
     else:
-        encoder = encoder_from_weights(networks[key], num_frames or 16, num_heads)
-    load_weights_strict(encoder, networks[key], f"{key} from {source}")
+        if use_rope is None and "pos_embed" in weights:
+            use_rope = _mask_token_count(networks.get("predictor", {})) == RELEASED_VJEPA2_MASK_TOKENS
+            log.info("%s: read as %s (pass use_rope=%s, --%suse-rope, if it is not)", source,
+                     "a released V-JEPA 2 file: a RoPE encoder, its unused pos_embed dropped" if use_rope else
+                     "a V-JEPA encoder with sin-cos positions", not use_rope, "" if not use_rope else "no-")
+        encoder = encoder_from_weights(weights, num_frames or 16, num_heads, use_rope, img_size)
+        if encoder.use_rope:  # released V-JEPA 2 files carry a sin-cos table that RoPE models do not use
+            weights = {k: v for k, v in weights.items() if k != "pos_embed"}
+    load_weights_strict(encoder, weights, f"{key} from {source}")
     return encoder.eval().requires_grad_(False)

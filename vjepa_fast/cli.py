@@ -15,11 +15,15 @@ EXPECTED_ERRORS = (UserError, RunStopped, FileNotFoundError, FileExistsError)
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="pretrain V-JEPA (default: the demo config on the embedded synthetic data)")
     _add_config_args(p)
-    p.add_argument("--run-dir", help="where config, metrics, plots and checkpoints go (default: runs/<config>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest usable checkpoint in <run-dir>/checkpoints, or start fresh when "
-                        "there is none: one command for a job's first start and every requeue")
-    p.add_argument("--overwrite", action="store_true", help="start again even if the run dir has a checkpoint")
+    p.add_argument("--run-dir", help="where config, metrics, plots and checkpoints go (default: the config's "
+                   "logging.folder / folder, else runs/<config>)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the newest usable checkpoint in <run-dir>/checkpoints, or start fresh "
+                            "when there is none: one command for a job's first start and every requeue")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start again even if the run dir has a checkpoint (also where the config asks to "
+                            "continue: meta.load_checkpoint, optimization.resume_anneal)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedules are unchanged)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -52,6 +56,9 @@ def _add_eval(sub) -> None:
                    help="which encoder of the checkpoint (default: the target encoder, as the paper)")
     p.add_argument("--num-frames", type=int, help="official checkpoints: the frames the encoder takes (default 16)")
     p.add_argument("--num-heads", type=int, help="official checkpoints: the encoder's heads (default: by width)")
+    p.add_argument("--use-rope", action=argparse.BooleanOptionalAction, default=None,
+                   help="official checkpoints: a RoPE (V-JEPA 2) encoder or not (default: from the weights)")
+    p.add_argument("--img-size", type=int, help="official RoPE checkpoints: the input size (default 256)")
     p.add_argument("--sampling-rate", type=int, help="frame step of eval clips (default: the checkpoint's, else 4)")
     p.add_argument("--num-segments", type=int, default=1, help="clips per video, tokens concatenated (K400: 8)")
     p.add_argument("--num-views", type=int, default=1, help="spatial views per clip, softmax averaged (paper: 3)")
@@ -84,7 +91,8 @@ def _run_eval(args) -> int:
     given = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "batch_size": args.batch_size}
     settings = replace(SYNTHETIC_PROBE if args.benchmark else ProbeSettings(), seed=args.seed,
                        **{k: v for k, v in given.items() if v is not None})
-    frozen = load_frozen(args.checkpoint, args.key, num_frames=args.num_frames, num_heads=args.num_heads)
+    frozen = load_frozen(args.checkpoint, args.key, num_frames=args.num_frames, num_heads=args.num_heads,
+                         use_rope=args.use_rope, img_size=args.img_size)
     out_dir = args.out_dir or f"runs/eval/{frozen.name}{'-synthetic' if args.benchmark else ''}"
     if args.benchmark:
         report = run_synthetic_benchmark(frozen, out_dir=out_dir, cache_dir=args.cache_dir, device=device,

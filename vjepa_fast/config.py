@@ -1,9 +1,12 @@
-"""Training configuration: dataclasses mirroring the official V-JEPA pretrain YAML, validated on load.
+"""Training configuration: dataclasses mirroring the official V-JEPA and V-JEPA 2 pretrain YAML, validated on load.
 
 A user's existing official YAML loads as it is: the sections and key names are the official ones
 (`data`, `data_aug`, `mask`, `meta`, `model`, `optimization`, `loss`, `logging`); keys this project adds
-have defaults; unknown keys produce one warning naming them. Every invalid value fails at load with a
-message naming the key and the value.
+have defaults. Every official key is honoured (some under this project's name: OFFICIAL_ALIASES), or refused when
+it asks for something not supported, or, for the keys only the official cluster launcher reads, reported once as
+not used here (NOT_USED_HERE); keys nobody knows produce one warning naming them. A V-JEPA 2 config (one with
+`data.dataset_fpcs`) gets the V-JEPA 2 code's defaults where they differ (no gradient clipping). Every invalid value
+fails at load with a message naming the key and the value.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from .dali_pipelines.choose import LOADERS
 from .errors import UserError
 from .health import COLLAPSE_FRACTION
 from .model import COMPUTATIONS
-from .models.build import MODEL_SIZES
+from .models.build import MODEL_SIZES, ROPE_ALIASES
 from .models.packed import ATTENTION_BACKENDS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the shipped configs (package data)
@@ -32,6 +35,15 @@ DTYPES = ("bfloat16", "float32")  # the compute dtype on CUDA; CPU runs compute 
 DATA_PARALLEL = ("ddp", "fsdp")  # how torchrun ranks hold the networks: replicas, or FSDP2 shards
 TRUNCATIONS = ("lowest", "random")
 RENAMED = {"meta.path": "meta.computation"}  # keys of earlier versions: refused, naming the new key
+# Official keys read here under this project's name.
+OFFICIAL_ALIASES = {"model.use_activation_checkpointing": "model.activation_checkpointing",
+                    "model.compile_model": "model.compile", "folder": "logging.folder"}
+# Official keys that change nothing here: the cluster launcher's, and those whose behaviour is fixed here.
+NOT_USED_HERE = {"nodes": "the launcher's (torchrun / srun set the processes)",
+                 "tasks_per_node": "the launcher's", "cpus_per_task": "the launcher's", "mem_per_gpu": "the launcher's",
+                 "meta.eval_freq": "the official training loop does not read it either",
+                 "meta.sync_gc": "garbage collection timing", "data.pin_mem": "clips are pinned whenever CUDA is there",
+                 "data.persistent_workers": "the loader's workers always persist", "logging.write_tag": "file names"}
 
 
 class ConfigError(UserError):
@@ -46,12 +58,15 @@ class DataConfig:
     decode_one_clip: bool = True
     batch_size: int = 24
     num_clips: int = 1
-    num_frames: int = 16
+    num_frames: int = 16  # V-JEPA 2 configs: max(dataset_fpcs)
+    dataset_fpcs: Optional[list[int]] = None  # V-JEPA 2: frames per clip, one per dataset (None: num_frames for all)
     tubelet_size: int = 2
-    sampling_rate: int = 4
+    sampling_rate: Optional[int] = 4  # frames between two sampled frames (null with data.fps)
+    fps: Optional[float] = None  # V-JEPA 2: frames sampled at this rate in time instead (step = ceil(video fps) // fps)
     crop_size: int = 224
     patch_size: int = 16
     pin_mem: bool = True
+    persistent_workers: bool = True
     num_workers: int = 12
     filter_short_videos: bool = False
     clip_duration: Optional[float] = None
@@ -78,6 +93,9 @@ class MaskConfig:
     max_temporal_keep: float = 1.0
     max_keep: Optional[int] = None
     truncation: str = "lowest"  # batch-min cut: "lowest" (official) or "random"
+    full_complement: bool = False  # V-JEPA 2 options, not supported when true (their default is false)
+    pred_full_complement: bool = False
+    inv_block: bool = False
 
 
 def _official_masks() -> list[MaskConfig]:
@@ -96,6 +114,9 @@ class MetaConfig:
     computation: str = "fast"  # the loss: "fast" (packed masks, fused kernels) or "reference" (the official one)
     data_parallel: str = "ddp"  # under torchrun: "ddp" (replicated networks) or "fsdp" (FSDP2, sharded per block)
     dist_timeout_minutes: float = 30.0  # a rank waiting longer than this for another one fails, naming it
+    save_every_freq: int = -1  # V-JEPA 2: epochs between checkpoints kept for good (sets logging.keep_every)
+    skip_batches: int = -1
+    sync_gc: bool = False
 
 
 @dataclass
@@ -117,6 +138,10 @@ class ModelConfig:
     activation_checkpointing: bool = False  # fast path: recompute block activations in the backward
     # Official quirk kept for parity: under autocast the predictor's residual stream is fp32.
     predictor_fp32_residual: bool = True
+    use_rope: bool = False  # V-JEPA 2: 3D rotary positions in every attention instead of added sin-cos tables
+    use_silu: bool = False  # V-JEPA 2 options, not supported when true
+    use_pred_silu: bool = False
+    wide_silu: bool = True
 
 
 @dataclass
@@ -136,6 +161,10 @@ class OptimizationConfig:
     eps: float = 1e-8
     max_consecutive_nonfinite: int = 10  # skipped non-finite steps in a row before the run stops
     accumulation_steps: int = 1  # micro-batches of data.batch_size per step and rank (gradients summed)
+    # V-JEPA 2 cooldown: start from anneal_ckpt (networks and optimizer) with the lr decaying linearly to final_lr
+    is_anneal: bool = False
+    anneal_ckpt: Optional[str] = None
+    resume_anneal: bool = False  # continue a cooldown from the run's own checkpoint when there is one
 
 
 @dataclass
@@ -170,7 +199,9 @@ class Config:
     app: str = "vjepa"
     nodes: Optional[int] = None
     tasks_per_node: Optional[int] = None
-    name: str = "config"  # the YAML file's stem; names the default run directory
+    cpus_per_task: Optional[int] = None
+    mem_per_gpu: Optional[str] = None
+    name: str = "config"  # the YAML file's stem; names the default run directory (unless logging.folder)
 
     # ---- derived values -------------------------------------------------------------------------
     @property
@@ -286,8 +317,12 @@ def validate(cfg: Config) -> Config:
     d, m, o = cfg.data, cfg.model, cfg.optimization
     _check(m.model_name in MODEL_SIZES, "model.model_name", m.model_name,
            f"unknown model; choose one of {', '.join(MODEL_SIZES)}")
-    for key in ("batch_size", "num_frames", "tubelet_size", "sampling_rate", "crop_size", "patch_size"):
+    for key in ("batch_size", "num_frames", "tubelet_size", "crop_size", "patch_size"):
         _check(getattr(d, key) > 0, f"data.{key}", getattr(d, key), "must be positive")
+    _check(d.sampling_rate is None or d.sampling_rate > 0, "data.sampling_rate", d.sampling_rate,
+           "must be positive, or null with data.fps")
+    _check(d.sampling_rate is not None or d.fps is not None, "data.sampling_rate", d.sampling_rate,
+           "null needs data.fps (the frames are sampled by one or the other)")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.crop_size % d.patch_size == 0, "data.crop_size", d.crop_size,
            f"must be divisible by data.patch_size={d.patch_size}")
@@ -302,6 +337,23 @@ def validate(cfg: Config) -> Config:
                f"needs one weight per dataset ({len(d.datasets)})")
         _check(all(w > 0 for w in d.datasets_weights), "data.datasets_weights", d.datasets_weights,
                "weights must be positive")
+    if d.dataset_fpcs is not None:
+        _check(len(d.dataset_fpcs) == max(1, len(d.datasets)), "data.dataset_fpcs", d.dataset_fpcs,
+               f"needs one clip length per dataset ({max(1, len(d.datasets))})")
+        _check(all(f > 0 and f % d.tubelet_size == 0 for f in d.dataset_fpcs), "data.dataset_fpcs",
+               d.dataset_fpcs, f"every clip length must be a positive multiple of data.tubelet_size={d.tubelet_size}")
+        _check(d.num_frames == max(d.dataset_fpcs), "data.num_frames", d.num_frames,
+               f"must be the longest of data.dataset_fpcs={d.dataset_fpcs} (it sizes the networks)")
+        _check(len(set(d.dataset_fpcs)) == 1 or cfg.model.use_rope, "data.dataset_fpcs", d.dataset_fpcs,
+               "clips of several lengths need model.use_rope=true (a sin-cos table has one length)")
+    _check(d.fps is None or d.fps > 0, "data.fps", d.fps, "must be > 0 or null")
+    _check(d.dataset_type == "VideoDataset", "data.dataset_type", d.dataset_type, "only VideoDataset is supported")
+    _check(d.decode_one_clip, "data.decode_one_clip", d.decode_one_clip, "only true is supported (one clip per video)")
+    _check(d.clip_duration is None, "data.clip_duration", d.clip_duration,
+           "not supported: clips are sampled by data.sampling_rate or data.fps")
+    _check(not d.filter_short_videos, "data.filter_short_videos", d.filter_short_videos,
+           "not supported: a video shorter than a clip's span is sampled with its last frame repeated, and one with "
+           "fewer than data.min_frames frames is skipped; set data.min_frames to skip short videos")
 
     a = cfg.data_aug
     _check_range("data_aug.random_resize_scale", a.random_resize_scale, 0.0, 1.0)
@@ -324,6 +376,9 @@ def validate(cfg: Config) -> Config:
         _check(mk.max_keep is None or mk.max_keep >= 1, f"{p}.max_keep", mk.max_keep, "must be >= 1 or null")
         _check(mk.truncation in TRUNCATIONS, f"{p}.truncation", mk.truncation,
                f"choose one of {', '.join(TRUNCATIONS)}")
+        for key in ("full_complement", "pred_full_complement", "inv_block"):
+            _check(not getattr(mk, key), f"{p}.{key}", getattr(mk, key),
+                   "not supported (the shipped recipes use false)")
 
     _check(cfg.meta.computation in COMPUTATIONS, "meta.computation", cfg.meta.computation,
            f"choose one of {', '.join(COMPUTATIONS)}")
@@ -338,6 +393,13 @@ def validate(cfg: Config) -> Config:
            f"choose one of {', '.join(ATTENTION_BACKENDS)}")
     _check(m.use_mask_tokens, "model.use_mask_tokens", m.use_mask_tokens,
            "only the mask-token predictor (the paper's) is supported")
+    _check(m.use_rope or m.model_name not in ROPE_ALIASES, "model.use_rope", m.use_rope,
+           f"model.model_name={m.model_name} is a RoPE model: use_rope must be true (or unset)")
+    for key in ("use_silu", "use_pred_silu"):
+        _check(not getattr(m, key), f"model.{key}", getattr(m, key), "not supported: the MLPs use GELU")
+    _check(cfg.meta.skip_batches == -1, "meta.skip_batches", cfg.meta.skip_batches,
+           "not supported: a resumed run continues exactly where it stopped")
+    _check(cfg.app == "vjepa", "app", cfg.app, "only V-JEPA pretraining (app: vjepa) is supported")
     dim, depth, heads, ratio = cfg.encoder_size
     for key, v in (("embed_dim", dim), ("depth", depth), ("num_heads", heads), ("mlp_ratio", ratio),
                    ("pred_depth", m.pred_depth), ("pred_embed_dim", m.pred_embed_dim)):
@@ -346,12 +408,18 @@ def validate(cfg: Config) -> Config:
     pred_heads = m.pred_num_heads or heads
     _check(m.pred_embed_dim % pred_heads == 0, "model.pred_embed_dim", m.pred_embed_dim,
            f"must be divisible by the predictor's heads ({pred_heads})")
+    if m.use_rope:  # each of time, height and width rotates 2 * ((head_dim // 3) // 2) >= 2 dims
+        _check(dim // heads >= 6, "model.num_heads", heads, f"leaves {dim // heads} dims per head; 3D RoPE needs >= 6")
+        _check(m.pred_embed_dim // pred_heads >= 6, "model.pred_num_heads", pred_heads,
+               f"leaves {m.pred_embed_dim // pred_heads} dims per predictor head; 3D RoPE needs >= 6")
 
     for key in ("ipe", "epochs"):
         _check(getattr(o, key) >= 1, f"optimization.{key}", getattr(o, key), "must be >= 1")
     _check(o.ipe_scale >= 1.0, "optimization.ipe_scale", o.ipe_scale, "must be >= 1")
-    _check(0 <= o.warmup <= o.epochs * o.ipe_scale, "optimization.warmup", o.warmup,
-           "must lie between 0 and epochs*ipe_scale")
+    _check(o.warmup >= 0 and math.isfinite(o.warmup), "optimization.warmup", o.warmup,
+           "must be a finite number >= 0 (epochs; a warmup longer than the run ends the run inside it)")
+    _check(not o.is_anneal or o.anneal_ckpt, "optimization.anneal_ckpt", o.anneal_ckpt,
+           "optimization.is_anneal needs the pretraining checkpoint the cooldown starts from")
     for key in ("start_lr", "lr", "final_lr", "weight_decay", "final_weight_decay"):
         v = getattr(o, key)
         _check(v >= 0 and math.isfinite(v), f"optimization.{key}", v, "must be a finite number >= 0")
@@ -400,11 +468,85 @@ def _apply_override(tree: dict, assignment: str):
             node = node[part]
 
 
+_MISSING = object()
+
+
+def _get(tree: dict, key: str, default=_MISSING):
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _set(tree: dict, key: str, value) -> None:
+    *sections, last = key.split(".")
+    node = tree
+    for part in sections:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{part}: expected a section, got {node!r}")
+    node[last] = value
+
+
+def _pop(tree: dict, key: str):
+    *sections, last = key.split(".")
+    node = _get(tree, ".".join(sections)) if sections else tree
+    return node.pop(last) if isinstance(node, dict) and last in node else _MISSING
+
+
+def _translate_official(tree: dict) -> dict:
+    """The official conventions on the raw mapping: OFFICIAL_ALIASES moved to this project's keys, the V-JEPA 2
+    code's defaults for a V-JEPA 2 config, and the official keys that set others."""
+    tree = copy.deepcopy(tree)
+    for official, ours in OFFICIAL_ALIASES.items():
+        value = _pop(tree, official)
+        if value is _MISSING:
+            continue
+        given = _get(tree, ours)
+        if given is not _MISSING and given != value:
+            raise ConfigError(f"{official}={value!r} and {ours}={given!r} disagree (the first is the official name "
+                              f"of the second)")
+        _set(tree, ours, value)
+    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    if data.get("dataset_fpcs") is not None:  # a V-JEPA 2 config: that code's defaults where they differ
+        if _get(tree, "optimization.clip_grad") is _MISSING:
+            _set(tree, "optimization.clip_grad", None)  # V-JEPA 2 does not clip gradients
+        fpcs = data["dataset_fpcs"]
+        if "num_frames" not in data and isinstance(fpcs, list) and fpcs and all(isinstance(f, int) for f in fpcs):
+            data["num_frames"] = max(fpcs)
+    if data.get("fps") is not None and data.get("sampling_rate") is not None:
+        raise ConfigError(f"data.fps={data['fps']!r} and data.sampling_rate={data['sampling_rate']!r}: give one (a "
+                          f"rate in time, or a frame step; sampling_rate: null)")
+    if data.get("fps") is not None:
+        data["sampling_rate"] = None  # V-JEPA 2's configs have no frame step
+    if _get(tree, "meta.use_sdpa", True) is False:  # the plain attention math
+        backend = _get(tree, "model.attn_backend", "eager")
+        if backend != "eager":
+            raise ConfigError(f"meta.use_sdpa=false and model.attn_backend={backend!r} disagree")
+        _set(tree, "model.attn_backend", "eager")
+    if _get(tree, "model.model_name", None) in ROPE_ALIASES and _get(tree, "model.use_rope") is _MISSING:
+        _set(tree, "model.use_rope", True)  # the constructor turns it on
+    every = _get(tree, "meta.save_every_freq", -1)
+    if isinstance(every, int) and every > 0 and _get(tree, "logging.keep_every") is _MISSING:
+        _set(tree, "logging.keep_every", every * _get(tree, "optimization.ipe", OptimizationConfig.ipe))
+    return tree
+
+
+def _not_used_here(cfg: Config) -> list[str]:
+    """NOT_USED_HERE keys whose value differs from the default: what to report once."""
+    default = Config()
+    plain = cfg.to_dict()
+    return [f"{key}={_get(plain, key)!r} ({why})" for key, why in NOT_USED_HERE.items()
+            if _get(plain, key) != _get(default.to_dict(), key)]
+
+
 def config_from_dict(tree: dict, name: str = "config") -> Config:
-    """Build and validate a Config from a plain (YAML-loaded) mapping."""
+    """Build and validate a Config from a plain (YAML-loaded) mapping, official or ours."""
     if not isinstance(tree, dict):
         raise ConfigError(f"config {name!r}: expected a mapping at the top level, got {type(tree).__name__}")
-    tree = dict(tree)
+    tree = _translate_official(tree)
     tree.setdefault("name", name)
     unknown: list[str] = []
     cfg = _build(Config, tree, "", unknown)
@@ -413,6 +555,9 @@ def config_from_dict(tree: dict, name: str = "config") -> Config:
             raise ConfigError(f"{old} was renamed {new}: rename the key in the config")
     if unknown:
         warnings.warn(f"unknown config keys ignored: {', '.join(unknown)}", stacklevel=2)
+    not_used = _not_used_here(cfg)
+    if not_used:
+        warnings.warn(f"config keys not used here: {'; '.join(not_used)}", stacklevel=2)
     return validate(cfg)
 
 

@@ -11,10 +11,11 @@ log = logging.getLogger(__name__)
 
 def clip_spec(cfg: Config, train: bool = True) -> ClipSpec:
     d, a = cfg.data, cfg.data_aug
-    return ClipSpec(num_frames=d.num_frames, sampling_rate=d.sampling_rate, crop_size=d.crop_size,
+    return ClipSpec(num_frames=d.num_frames, sampling_rate=d.sampling_rate or 1, crop_size=d.crop_size,
                     random_resize_scale=tuple(a.random_resize_scale),
                     random_resize_aspect_ratio=tuple(a.random_resize_aspect_ratio),
-                    horizontal_flip=a.horizontal_flip, min_frames=d.min_frames, train=train)
+                    horizontal_flip=a.horizontal_flip, min_frames=d.min_frames, train=train, fps=d.fps,
+                    source_frames=None if d.dataset_fpcs is None else tuple(d.dataset_fpcs))
 
 
 def dataset_paths(cfg: Config) -> list[str]:

@@ -56,9 +56,16 @@ def init_distributed(device: torch.device, timeout_minutes: float = 30.0) -> tup
     return env, device
 
 
+_TIMEOUT_MESSAGES = ("timed out", "timeout caused pair closure")  # gloo's two ways of saying it
+
+
 def is_collective_timeout(error: BaseException) -> bool:
-    """Whether `error` is a collective that gave up waiting for another rank (gloo: "Timed out waiting ...")."""
-    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "Timed out" in str(error))
+    """Whether `error` is a collective that gave up waiting for another rank. Gloo says "Timed out waiting ..." in the
+    collective that waited, or "Application timeout caused pair closure" where the timeout closed a connection that a
+    backward's all-reduce was still using."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _TIMEOUT_MESSAGES)
 
 
 def unanswering_ranks(env: DistEnv, grace_s: float = 3.0) -> list[int] | None:

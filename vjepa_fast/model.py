@@ -1,9 +1,10 @@
 """The V-JEPA model container: context encoder, predictor, EMA target encoder, and the training loss.
 
 The loss has two computations of the same function: "reference" (the official one: a context-encoder and a
-predictor pass per mask, a layer-normalised copy of the targets, a gather and an L1 per mask) and "fast" (one
-patch embedding, every mask's tokens packed into one pass of each network, the target norm and L1 fused in one
-kernel). The tests hold them to the same loss and gradients.
+predictor pass per mask, a layer-normalised copy of the targets, a gather and an L1 per mask; per clip length,
+for V-JEPA 2's batches of several) and "fast" (one patch embedding per clip, every mask's tokens of every clip
+length packed into one pass of each network, the target norm and L1 fused in one kernel). The tests hold them to
+the same loss and gradients.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class VJEPA(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.loss_exp = cfg.loss.loss_exp
+        self.token_per_group = cfg.data.dataset_fpcs is not None  # V-JEPA 2's mask-token indexing
         self.encoder = build_encoder(cfg)
         self.predictor = build_predictor(cfg)
         self.target_encoder = copy.deepcopy(self.encoder)
@@ -62,41 +64,79 @@ class VJEPA(nn.Module):
         for name in found:
             load_weights_strict(self.unwrapped(name), networks[name], name)
 
-    def loss(self, clips: torch.Tensor, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor],
-             computation: str = "reference", stage: Callable[[str], ContextManager] | None = None,
-             return_targets: bool = False):
+    def loss(self, clips, masks_enc, masks_pred, computation: str = "reference",
+             stage: Callable[[str], ContextManager] | None = None, return_targets: bool = False):
         """Mean over masks of mean(|prediction - layer_norm(target)|^p)/p at the predicted tokens.
 
-        `stage(name)`, if given, wraps each of STAGES (a timer or profiler range; see vjepa_fast/bench/step.py).
-        `return_targets`: also return the target encoder's features [B, N, D] (layer-normalised by the reference
-        computation, raw by the fast one), e.g. for the health monitor, which then needs no second target pass."""
+        clips [B, 3, T, H, W] with its masks (a list per mask config), or clips of several lengths (V-JEPA 2's
+        `data.dataset_fpcs`): a list of clip tensors, one per clip-length group, with a list of masks for each; the
+        mean is then over every (group, mask) pair alike, as the official code weighs them. The reference
+        computation runs the groups one after another as the official code does; the fast one packs every group
+        into the same passes. `stage(name)`, if given, wraps each of STAGES (a timer or profiler range; see
+        vjepa_fast/bench/step.py). `return_targets`: also return the target encoder's features [B, N, D] of the
+        (first) group (layer-normalised by the reference computation, raw by the fast one), e.g. for the health
+        monitor, which then needs no second target pass."""
         if computation not in COMPUTATIONS:
             raise ValueError(f"unknown loss computation {computation!r}; available: {', '.join(COMPUTATIONS)}")
-        if len(masks_enc) != len(masks_pred):
-            raise ValueError(f"got {len(masks_enc)} context masks but {len(masks_pred)} prediction masks")
+        several = isinstance(clips, (list, tuple))
+        groups = list(zip(clips, masks_enc, masks_pred)) if several else [(clips, masks_enc, masks_pred)]
+        for _, enc, pred in groups:
+            if len(enc) != len(pred):
+                raise ValueError(f"got {len(enc)} context masks but {len(pred)} prediction masks")
         stage = stage or (lambda name: contextlib.nullcontext())
-        with stage("target"):
-            h = self.targets(clips, computation)
-        with stage("context"):
-            z = self.encoder(clips, masks_enc, computation=computation)
-        with stage("predictor"):
-            pred = self.predictor(z, masks_enc, masks_pred, computation=computation)
-        with stage("loss"):
-            loss = self.objective(pred, h, masks_pred, computation)
+        run = self._fast if computation == "fast" else self._reference
+        loss, h = run(groups, stage)
         return (loss, h) if return_targets else loss
 
-    @torch.no_grad()
-    def targets(self, clips: torch.Tensor, computation: str) -> torch.Tensor:
-        """Target-encoder features of the full clips: layer-normalised (reference); raw, for the fused loss (fast)."""
-        h = self.target_encoder(clips, computation=computation)
-        return h if computation == "fast" else F.layer_norm(h, (h.size(-1),), eps=TARGET_LN_EPS)
+    def _reference(self, groups, stage):
+        """The official computation, group by group and mask by mask; the mean over every (group, mask) term."""
+        terms, first_targets = [], None
+        for g, (clips, masks_enc, masks_pred) in enumerate(groups):
+            with stage("target"):
+                h = self.targets(clips, "reference")
+            with stage("context"):
+                z = self.encoder(clips, masks_enc, computation="reference")
+            with stage("predictor"):
+                pred = self.predictor(z, masks_enc, masks_pred, computation="reference",
+                                      mask_token_ids=self.mask_token_ids(len(masks_pred), g))
+            with stage("loss"):
+                p = self.loss_exp
+                terms += [torch.mean(torch.abs(zi - gather_tokens(h, m)) ** p) / p for zi, m in zip(pred, masks_pred)]
+            first_targets = h if first_targets is None else first_targets
+        with stage("loss"):
+            return sum(terms) / len(terms), first_targets
 
-    def objective(self, pred, h, masks_pred, computation: str) -> torch.Tensor:
-        """L1 (to the power loss_exp) between predictions and targets, averaged per mask, then over masks. The fast
-        computation layer-normalises and gathers the target rows inside one fused kernel."""
-        p = self.loss_exp
+    def _fast(self, groups, stage):
+        """Every group in one target, one context and one predictor pass; the fused norm + L1 per group."""
+        clips = [c for c, _, _ in groups]
+        flat_enc = [m for _, enc, _ in groups for m in enc]
+        flat_pred = [m for _, _, pred in groups for m in pred]
+        with stage("target"):
+            h = self.targets(clips, "fast")
+        with stage("context"):
+            z = self.encoder(clips, [enc for _, enc, _ in groups], computation="fast")
+        with stage("predictor"):
+            tokens = [t for g, (_, _, pred) in enumerate(groups) for t in self.mask_token_ids(len(pred), g)]
+            pred = self.predictor(z, flat_enc, flat_pred, computation="fast", mask_token_ids=tokens)
+        with stage("loss"):
+            l1 = kernel_ops(pred.device).masked_l1_loss
+            sizes = [sum(m.numel() for m in masks) for _, _, masks in groups]  # each group's predicted rows
+            per_group = [l1(rows, target, masks, eps=TARGET_LN_EPS, loss_exp=self.loss_exp)  # mean over its masks
+                         for rows, target, (_, _, masks) in zip(pred.split(sizes), h, groups)]
+            counts = [len(masks) for _, _, masks in groups]
+            loss = per_group[0] if len(groups) == 1 else sum(n * l for n, l in zip(counts, per_group)) / sum(counts)
+        return loss, h[0]
+
+    def mask_token_ids(self, num_masks: int, group: int = 0) -> list[int]:
+        """Which mask token each mask's targets get. V-JEPA: mask i, token i. V-JEPA 2: every mask of the g-th
+        clip-length group of the batch, token g (the official indexing, shared by the mask configs)."""
+        return [group] * num_masks if self.token_per_group else list(range(num_masks))
+
+    @torch.no_grad()
+    def targets(self, clips, computation: str):
+        """Target-encoder features of the full clips: layer-normalised (reference); raw, for the fused loss (fast),
+        which also takes a list of clip tensors of several lengths (one pass; a list of features back)."""
         if computation == "fast":
-            _, l1 = kernel_ops(h.device)
-            return l1(pred, h, masks_pred, eps=TARGET_LN_EPS, loss_exp=p)
-        losses = [torch.mean(torch.abs(zi - gather_tokens(h, m)) ** p) / p for zi, m in zip(pred, masks_pred)]
-        return sum(losses) / len(losses)
+            return self.target_encoder(clips if isinstance(clips, (list, tuple)) else [clips], computation="fast")
+        h = self.target_encoder(clips, computation=computation)
+        return F.layer_norm(h, (h.size(-1),), eps=TARGET_LN_EPS)

@@ -1,7 +1,9 @@
 """AdamW with the official two weight-decay groups, and the official lr / weight-decay / EMA schedules.
 
-Every schedule runs over `ipe_scale * epochs * ipe` steps, so with ipe_scale > 1 its tail is never reached.
-The schedules are pure functions of the step, so a resumed run recomputes them exactly.
+Every schedule runs over `ipe_scale * epochs * ipe` steps, so with ipe_scale > 1 its tail is never reached. The lr
+warms up linearly then follows a cosine (V-JEPA 2's pretraining sets final_lr = lr: a constant), or, in a V-JEPA 2
+cooldown (optimization.is_anneal), decays linearly from lr towards final_lr with no warmup. The schedules are pure
+functions of the step, so a resumed run recomputes them exactly.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from .config import OptimizationConfig
 
 
 def param_groups(*modules: nn.Module) -> list[dict]:
-    """Per module: weights with decay, then biases and 1-D parameters without (`WD_exclude`). As the official
-    code, frozen parameters (the fixed position embeddings) stay in the groups (they never get a gradient, so
-    AdamW skips them), which keeps optimizer states interchangeable with official checkpoints."""
+    """A group per module of its weights with decay, then a group per module of its biases and 1-D parameters
+    without (`WD_exclude`). As the official code, frozen parameters (the fixed position embeddings) stay in the
+    groups (they never get a gradient, so AdamW skips them), which keeps optimizer states interchangeable with
+    official checkpoints."""
     decay, no_decay = [], []
     for module in modules:
         decay.append([p for n, p in module.named_parameters() if "bias" not in n and p.dim() != 1])
@@ -46,15 +49,18 @@ class Schedule:
     ema_start: float
     ema_end: float
     total: int  # schedule length: ipe_scale * epochs * ipe
+    linear_decay: bool = False  # the cooldown's lr
 
     @classmethod
     def from_config(cls, opt: OptimizationConfig) -> "Schedule":
         return cls(start_lr=opt.start_lr, ref_lr=opt.lr, final_lr=opt.final_lr,
                    warmup_steps=int(opt.warmup * opt.ipe), ref_wd=opt.weight_decay,
                    final_wd=opt.final_weight_decay, ema_start=opt.ema[0], ema_end=opt.ema[1],
-                   total=int(opt.ipe_scale * opt.epochs * opt.ipe))
+                   total=int(opt.ipe_scale * opt.epochs * opt.ipe), linear_decay=opt.is_anneal)
 
     def lr(self, s: int) -> float:
+        if self.linear_decay:  # V-JEPA 2's LinearDecaySchedule: no warmup, no clamp
+            return self.ref_lr + s / max(1, self.total) * (self.final_lr - self.ref_lr)
         if s < self.warmup_steps:
             return self.start_lr + s / max(1, self.warmup_steps) * (self.ref_lr - self.start_lr)
         progress = (s - self.warmup_steps) / max(1, self.total - self.warmup_steps)

@@ -56,34 +56,58 @@ def build_model(cfg: Config, device: torch.device) -> VJEPA:
     return model.to(device)  # moves the fixed position tables, computed on the CPU (bit-identical on every device)
 
 
-def masks_generator(cfg: Config) -> MaskGenerator:
+def masks_generator(cfg: Config, num_frames: int | None = None) -> MaskGenerator:
+    """The mask generator of clips of `num_frames` frames (default: the config's)."""
     d = cfg.data
-    return MaskGenerator(cfg.mask, d.crop_size, d.num_frames, d.patch_size, d.tubelet_size)
+    return MaskGenerator(cfg.mask, d.crop_size, num_frames or d.num_frames, d.patch_size, d.tubelet_size)
 
 
-def draw_masks(masks: MaskGenerator, cfg: Config, step: int, device: torch.device, batch_size: int | None = None):
+def masks_generators(cfg: Config) -> dict[int, MaskGenerator]:
+    """One mask generator per clip length of the run (V-JEPA 2's data.dataset_fpcs), keyed by frames."""
+    lengths = dict.fromkeys(cfg.data.dataset_fpcs or [cfg.data.num_frames])
+    return {frames: masks_generator(cfg, frames) for frames in lengths}
+
+
+def draw_masks(masks: MaskGenerator, cfg: Config, step: int, device: torch.device, batch_size: int | None = None,
+               stream: int = 0):
     """The context and prediction masks of `step` for `batch_size` clips (default: the config's batch), drawn on the
-    CPU from a generator seeded by (seed, step) (so a resumed run replays them), then sent to `device` without a
-    host wait."""
-    generator = torch.Generator().manual_seed(cfg.meta.seed * 1_000_003 + step)
-    masks_enc, masks_pred = masks.gen(batch_size or cfg.data.batch_size, step, generator=generator)
+    CPU from a generator seeded by (seed, step, stream) (so a resumed run replays them), then sent to `device`
+    without a host wait. `stream` tells apart the draws of one step (clip-length groups, micro-batches)."""
+    seed = cfg.meta.seed * 1_000_003 + step
+    if stream:
+        seed = int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> 1)
+    masks_enc, masks_pred = masks.gen(batch_size or cfg.data.batch_size, step,
+                                      generator=torch.Generator().manual_seed(seed))
     return [to_device(m, device) for m in masks_enc], [to_device(m, device) for m in masks_pred]
 
 
 class Batch(NamedTuple):
-    """The clips of one (micro-)batch and their masks."""
-    clips: torch.Tensor
-    masks_enc: list[torch.Tensor]
-    masks_pred: list[torch.Tensor]
+    """The clips of one (micro-)batch and their masks, as VJEPA.loss takes them: a clip tensor and a list of masks
+    per mask config, or (several clip lengths) a list of clip tensors and a list of mask lists, one per length."""
+    clips: torch.Tensor | list[torch.Tensor]
+    masks_enc: list
+    masks_pred: list
 
 
-def micro_batches(clips: Sequence[torch.Tensor], masks_enc: list[torch.Tensor],
-                  masks_pred: list[torch.Tensor]) -> list[Batch]:
-    """Gradient accumulation: one Batch per clip tensor, each with its rows of the masks drawn for all of them (the
-    masks of the whole step, cut to its shortest sample, so the micro-batches add up to the step's loss exactly)."""
-    rows = [0, *itertools.accumulate(c.size(0) for c in clips)]
-    return [Batch(c, [m[a:b] for m in masks_enc], [m[a:b] for m in masks_pred])
-            for c, a, b in zip(clips, rows, rows[1:])]
+def step_batches(clips: Sequence, masks: dict[int, MaskGenerator], cfg: Config, step: int,
+                 device: torch.device) -> list[Batch]:
+    """The micro-batches of step `step` with their masks. `clips`: one entry per micro-batch, a clip tensor or a list
+    of them (one per clip length). One clip length: the masks are drawn once for all the step's clips and cut into
+    each micro-batch's rows (the whole step's masks, cut to its shortest sample, so the micro-batches add up to one
+    larger batch exactly). Several lengths: drawn per micro-batch and length."""
+    if isinstance(clips[0], torch.Tensor):
+        masks_enc, masks_pred = draw_masks(masks[clips[0].size(2)], cfg, step, device,
+                                           sum(c.size(0) for c in clips))
+        rows = [0, *itertools.accumulate(c.size(0) for c in clips)]
+        return [Batch(c, [m[a:b] for m in masks_enc], [m[a:b] for m in masks_pred])
+                for c, a, b in zip(clips, rows, rows[1:])]
+    lengths = list(masks)
+    batches = []
+    for micro, groups in enumerate(clips):
+        drawn = [draw_masks(masks[c.size(2)], cfg, step, device, c.size(0),
+                            stream=1 + micro * len(lengths) + lengths.index(c.size(2))) for c in groups]
+        batches.append(Batch(list(groups), [e for e, _ in drawn], [p for _, p in drawn]))
+    return batches
 
 
 class EMA:

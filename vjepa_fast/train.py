@@ -23,13 +23,13 @@ from . import distributed as dist_utils
 from .config import Config, save_config
 from .dali_pipelines import SKIP_REASONS
 from .data import build_train_loader, dataset_paths
-from .errors import RunStopped
+from .errors import RunStopped, UserError
 from .health import HealthMonitor, spreads
 from .model import NETWORKS, VJEPA
 from .models.vit import Block
 from .optim import Schedule, apply_schedule, build_optimizer
 from .run_log import MetricsLog, plot_loss
-from .step import (EMA, StepResult, autocast_for, build_model, draw_masks, masks_generator, micro_batches, pick_device,
+from .step import (EMA, StepResult, autocast_for, build_model, masks_generators, pick_device, step_batches,
                    to_device, train_step)
 
 log = logging.getLogger(__name__)
@@ -161,11 +161,22 @@ OOM_ADVICE = ("lower data.batch_size, set model.activation_checkpointing=true, u
 
 def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
           device: str | None = None, max_steps: int | None = None, progress: bool = True) -> TrainResult:
-    """Train `cfg` into `run_dir` (default runs/<config name>); `max_steps` stops early (schedules unchanged).
-    `resume`: continue from the newest usable checkpoint there, or start fresh (and say so) when there is none,
-    so one command serves a job's first start and every requeue. Without `resume` or `overwrite` a run directory
-    that holds a checkpoint is refused. Under torchrun (WORLD_SIZE > 1) each process trains its shard of the data."""
-    run = RunDir(run_dir or Path("runs") / cfg.name, cfg)
+    """Train `cfg` into `run_dir` (default: the config's logging.folder, else runs/<config name>); `max_steps`
+    stops early (schedules unchanged). `resume` (also meta.load_checkpoint without a meta.read_checkpoint, as the
+    official configs say it): continue from the newest usable checkpoint there, or start fresh (and say so) when
+    there is none, so one command serves a job's first start and every requeue. A cooldown
+    (optimization.is_anneal) starts from optimization.anneal_ckpt, and continues from its own checkpoints with
+    optimization.resume_anneal or `resume`; `overwrite` starts again whatever the config says. Without a way to
+    continue or `overwrite`, a run directory that holds a checkpoint is refused. Under torchrun (WORLD_SIZE > 1)
+    each process trains its shard of the data."""
+    run = RunDir(run_dir or cfg.logging.folder or Path("runs") / cfg.name, cfg)
+    if resume and overwrite:
+        raise UserError("resume and overwrite exclude each other: continue the run, or start it again")
+    if cfg.optimization.is_anneal:  # as the official code: continue a cooldown only when asked to (resume_anneal)
+        implied = cfg.optimization.resume_anneal
+    else:
+        implied = cfg.meta.load_checkpoint and not cfg.meta.read_checkpoint
+    resume = resume or (implied and not overwrite)
     if run.checkpoints.candidates() and not (resume or overwrite):
         raise FileExistsError(f"{run.root} already holds a checkpoint ({run.checkpoints.candidates()[0]}); pass "
                               f"--resume to continue it, --overwrite to start again, or choose another --run-dir")
@@ -247,16 +258,29 @@ def _train(cfg: Config, run: RunDir, resume: bool, overwrite: bool, device: torc
         health.load_state_dict(resumed.health)
         start, skipped_total = resumed.step, resumed.skipped_steps
         log.info("resumed %s at step %d", run.checkpoints.folder, start)
-    elif cfg.meta.load_checkpoint and cfg.meta.read_checkpoint:
+    optimizer_state = resumed.optimizer if resumed is not None else None
+    if resumed is None and cfg.optimization.is_anneal:
+        source = cfg.optimization.anneal_ckpt
+        state = ckpt.load_checkpoint(source)
+        networks = ckpt.networks_of(state, source)
+        missing = [name for name in NETWORKS if name not in networks]
+        if missing:  # a cooldown continues pretraining: every network (the official loader needs them all too)
+            raise UserError(f"optimization.anneal_ckpt={source}: no {', '.join(missing)} in it; a cooldown starts "
+                            f"from a pretraining checkpoint holding {', '.join(NETWORKS)}")
+        model.load_networks(networks)
+        optimizer_state = ckpt.optimizer_of(state)
+        log.info("cooldown: starting from %s (networks%s), the lr decaying linearly from %g towards %g", source,
+                 " and optimizer state" if optimizer_state else "", cfg.optimization.lr, cfg.optimization.final_lr)
+    elif resumed is None and cfg.meta.load_checkpoint and cfg.meta.read_checkpoint:
         source = cfg.meta.read_checkpoint
         model.load_networks(ckpt.networks_of(ckpt.load_checkpoint(source), source))
         log.info("initialised the networks from %s", source)
     ema = wrap_for_data_parallel(model, cfg, env, device)  # after loading: FSDP shards the loaded weights
     optimizer = build_optimizer(cfg.optimization, model.encoder, model.predictor, fused=True)
-    if resumed is not None and fsdp:
-        dist_utils.load_full_optimizer_state(model, optimizer, resumed.optimizer)
-    elif resumed is not None:
-        optimizer.load_state_dict(resumed.optimizer)
+    if optimizer_state is not None and fsdp:
+        dist_utils.load_full_optimizer_state(model, optimizer, optimizer_state)
+    elif optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
 
     def save(step: int) -> None:
         if fsdp:  # full state dicts gathered to rank 0: the same checkpoint format as DDP and one process
@@ -284,7 +308,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, overwrite: bool, device: torc
     # the loader's batches are micro-batches: step s takes its batches s*accumulation .. (s+1)*accumulation - 1
     loader = build_train_loader(cfg, paths, start_step=start * accumulation, rank=env.rank,
                                 world_size=env.world_size)
-    masks = masks_generator(cfg)
+    masks = masks_generators(cfg)
     batch = cfg.data.batch_size
     clip_after = schedule.warmup_steps
     log.info("training %s on %s x %d: steps %d -> %d, batch %d per rank x %d accumulation steps = %d clips per step, "
@@ -302,10 +326,10 @@ def _train(cfg: Config, run: RunDir, resume: bool, overwrite: bool, device: torc
         with StopRequest() as stop:
             while step < total:
                 t0 = time.perf_counter()
-                clips = [to_device(next(loader)[0], device) for _ in range(accumulation)]
+                clips = [_to_device(next(loader)[0], device) for _ in range(accumulation)]
                 t_data = time.perf_counter() - t0
                 # drawn on the CPU (no device sync for their sizes) while the device works on the last step
-                batches = micro_batches(clips, *draw_masks(masks, cfg, step, device, batch * accumulation))
+                batches = step_batches(clips, masks, cfg, step, device)
                 lr, wd = schedule.lr(step + 1), schedule.wd(step + 1)
                 apply_schedule(optimizer, lr, wd)
                 max_norm = cfg.optimization.clip_grad if step >= clip_after else None
@@ -353,6 +377,11 @@ def _train(cfg: Config, run: RunDir, resume: bool, overwrite: bool, device: torc
              seconds, pending.first_loss, pending.last_loss, pending.skipped_total, run.latest)
     return TrainResult(run.root, start, step, pending.first_loss, pending.last_loss, seconds,
                        pending.skipped_total, stopped_by)
+
+
+def _to_device(clips, device: torch.device):
+    """A loader batch's clips on the device: a tensor, or a list of them (one per clip length)."""
+    return [to_device(c, device) for c in clips] if isinstance(clips, list) else to_device(clips, device)
 
 
 def _hung_rank_error(cfg: Config, run: RunDir, env: dist_utils.DistEnv, step: int) -> RunStopped:

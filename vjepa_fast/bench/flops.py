@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..models.build import PREDICTOR_MLP_RATIO
+
 
 @dataclass(frozen=True)
 class Flops:
@@ -55,6 +57,9 @@ class StepFlops:
     def total(self) -> float:
         return self.target.total + self.context.total + self.predictor.total
 
+    def __add__(self, other: StepFlops) -> StepFlops:
+        return StepFlops(self.target + other.target, self.context + other.context, self.predictor + other.predictor)
+
     def table(self) -> str:
         """Markdown: TFLOP per network, linear vs attention, and each network's share of the step."""
         lines = ["| network | linear TFLOP | attention TFLOP | total TFLOP | share |", "|---|---|---|---|---|"]
@@ -66,13 +71,15 @@ class StepFlops:
         return "\n".join(lines) + "\n"
 
 
-def step_flops(cfg, ctx_lengths: list[int], tgt_lengths: list[int], batch: int | None = None) -> StepFlops:
-    """FLOPs of one step of `cfg` (a vjepa_fast Config) with masks of the given per-mask token counts."""
+def step_flops(cfg, ctx_lengths: list[int], tgt_lengths: list[int], batch: int | None = None,
+               num_frames: int | None = None) -> StepFlops:
+    """FLOPs of one step of `cfg` (a vjepa_fast Config) with masks of the given per-mask token counts, for `batch`
+    clips of `num_frames` frames (default: the config's); a batch of several clip lengths is the sum per length."""
     d = cfg.data
     dim, depth, _, ratio = cfg.encoder_size
     pdim, pdepth = cfg.model.pred_embed_dim, cfg.model.pred_depth
     batch = batch or d.batch_size
-    tokens = (d.num_frames // d.tubelet_size) * (d.crop_size // d.patch_size) ** 2
+    tokens = ((num_frames or d.num_frames) // d.tubelet_size) * (d.crop_size // d.patch_size) ** 2
     patch_in = 3 * d.tubelet_size * d.patch_size ** 2
     embed = Flops(linear=2.0 * tokens * patch_in * dim, attention=0.0)
 
@@ -82,7 +89,7 @@ def step_flops(cfg, ctx_lengths: list[int], tgt_lengths: list[int], batch: int |
     pred_fwd = Flops(0.0, 0.0)
     for kc, kt in zip(ctx_lengths, tgt_lengths):
         projections = Flops(linear=2.0 * kc * dim * pdim + 2.0 * kt * pdim * dim, attention=0.0)
-        pred_fwd = pred_fwd + projections + pdepth * block_forward_flops(kc + kt, pdim, ratio)
+        pred_fwd = pred_fwd + projections + pdepth * block_forward_flops(kc + kt, pdim, PREDICTOR_MLP_RATIO)
     return StepFlops(target=batch * target, context=batch * context, predictor=batch * 3 * pred_fwd)
 
 

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import math
 import statistics
 import sys
 import time
@@ -38,7 +39,7 @@ from ..config import Config
 from ..errors import UserError
 from ..model import STAGES
 from ..optim import build_optimizer
-from ..step import (EMA, Batch, autocast_for, build_model, draw_masks, masks_generator, pick_device, to_device,
+from ..step import (EMA, Batch, autocast_for, build_model, masks_generators, pick_device, step_batches, to_device,
                     train_step)
 from .ceilings import matmul_tflops
 from .flops import StepFlops, mean_flops, step_flops
@@ -132,9 +133,56 @@ def variant_config(cfg: Config, compiled: bool) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile=compiled))
 
 
+def clip_groups(cfg: Config) -> dict[int, int]:
+    """Clips per clip length in a synthetic batch: data.batch_size at data.num_frames, or (V-JEPA 2's
+    data.dataset_fpcs) the batch shared out over the lengths by their datasets' weights (data.datasets_weights,
+    else equal), as a training batch is on average."""
+    lengths = cfg.data.dataset_fpcs or [cfg.data.num_frames]
+    weights = cfg.data.datasets_weights or [1.0] * len(lengths)
+    per_length: dict[int, float] = {}
+    for frames, weight in zip(lengths, weights):
+        per_length[frames] = per_length.get(frames, 0.0) + weight
+    exact = {frames: cfg.data.batch_size * w / sum(weights) for frames, w in per_length.items()}
+    counts = {frames: math.floor(x) for frames, x in exact.items()}
+    for frames in sorted(exact, key=lambda f: counts[f] - exact[f])[:cfg.data.batch_size - sum(counts.values())]:
+        counts[frames] += 1  # the largest remainders
+    return {frames: n for frames, n in counts.items() if n}
+
+
+def synthetic_clips(cfg: Config, seed: int = 0) -> list[torch.Tensor]:
+    """Random host clips, a tensor per clip length of clip_groups(cfg)."""
+    g, d = torch.Generator().manual_seed(seed), cfg.data
+    return [torch.randn(n, 3, frames, d.crop_size, d.crop_size, generator=g) for frames, n in clip_groups(cfg).items()]
+
+
+def host_batch(cfg: Config, masks: dict, clips: list[torch.Tensor], step: int) -> Batch:
+    """`clips` with step `step`'s masks, drawn on the host as training draws them (vjepa_fast.step.step_batches)."""
+    return step_batches([clips[0] if len(clips) == 1 else clips], masks, cfg, step, torch.device("cpu"))[0]
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    """The batch on `device`, copied without a host wait."""
+    move = lambda x: to_device(x, device) if isinstance(x, torch.Tensor) else [move(y) for y in x]  # noqa: E731
+    return Batch(*(move(field) for field in batch))
+
+
+def synthetic_batch(cfg: Config, device: torch.device, step: int, seed: int = 0) -> Batch:
+    """Random clips of clip_groups(cfg) on `device`, with step `step`'s masks."""
+    return batch_to(host_batch(cfg, masks_generators(cfg), synthetic_clips(cfg, seed), step), device)
+
+
+def batch_flops(cfg: Config, batch: Batch) -> StepFlops:
+    """Model FLOPs of one step on `batch` (one clip length, or a group per length)."""
+    groups = [batch] if isinstance(batch.clips, torch.Tensor) else list(zip(*batch))
+    flops = [step_flops(cfg, [m.size(1) for m in enc], [m.size(1) for m in pred], c.size(0), c.size(2))
+             for c, enc, pred in groups]
+    return sum(flops[1:], flops[0])
+
+
 class SyntheticSteps:
     """Training steps of `cfg` on synthetic clips in pinned host memory, every stage timed (what bench and profile
-    run): the loop of train.py without the loader."""
+    run): the loop of train.py without the loader. Several clip lengths (data.dataset_fpcs) make each step's batch
+    a group per length (clip_groups), as training does."""
 
     def __init__(self, cfg: Config, computation: str, backend: str, device: torch.device):
         self.cfg, self.computation, self.device = cfg, computation, device
@@ -142,28 +190,25 @@ class SyntheticSteps:
         self.model.set_attn_backend(backend)
         self.ema = EMA(self.model, fused=computation == "fast")
         self.optimizer = build_optimizer(cfg.optimization, self.model.encoder, self.model.predictor, fused=True)
-        self.masks = masks_generator(cfg)
-        d = cfg.data
-        clips = torch.randn(d.batch_size, 3, d.num_frames, d.crop_size, d.crop_size,
-                            generator=torch.Generator().manual_seed(0))
-        self.host_clips = clips.pin_memory() if device.type == "cuda" else clips
+        self.masks = masks_generators(cfg)
+        clips = synthetic_clips(cfg)
+        self.host_clips = [c.pin_memory() for c in clips] if device.type == "cuda" else clips
         self.timer = StageTimer(device)
 
     def run(self, i: int) -> tuple[float, StepFlops]:
         """Queue step i (timed by self.timer; nothing waits for the device): (host ms drawing its masks, model
         FLOPs of its masks)."""
         t0 = time.perf_counter()
-        masks = self.masks.gen(self.cfg.data.batch_size, i, generator=torch.Generator().manual_seed(i))
+        batch = host_batch(self.cfg, self.masks, self.host_clips, i)
         masks_ms = (time.perf_counter() - t0) * 1e3
         self.timer.begin_step()
         with self.timer.stage("step"):
             with self.timer.stage("h2d"):
-                clips = to_device(self.host_clips, self.device)
-                enc, pred = ([to_device(m, self.device) for m in ms] for ms in masks)
-            train_step(self.model, self.optimizer, self.ema, [Batch(clips, enc, pred)], computation=self.computation,
+                batch = batch_to(batch, self.device)
+            train_step(self.model, self.optimizer, self.ema, [batch], computation=self.computation,
                        autocast=autocast_for(self.cfg, self.device), max_norm=self.cfg.optimization.clip_grad,
                        momentum=0.999, stage=self.timer.stage)
-        return masks_ms, step_flops(self.cfg, [m.size(1) for m in enc], [m.size(1) for m in pred])
+        return masks_ms, batch_flops(self.cfg, batch)
 
 
 def time_variant(cfg: Config, v: Variant, device: torch.device, steps: int, warmup: int) -> StepFlops:
@@ -205,14 +250,12 @@ def parity(cfg: Config, backend: str, device: torch.device) -> tuple[float, floa
     says so) vs the reference, on one batch and the same weights."""
     model = build_model(cfg, device)
     model.set_attn_backend(backend)
-    clips = torch.randn(cfg.data.batch_size, 3, cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size,
-                        generator=torch.Generator().manual_seed(1)).to(device)
-    enc, pred = draw_masks(masks_generator(cfg), cfg, 1, device)
+    batch = synthetic_batch(cfg, device, step=1, seed=1)
     results = {}
     for computation in ("reference", "fast"):
         model.zero_grad(set_to_none=True)
         with autocast_for(cfg, device):
-            loss = model.loss(clips, enc, pred, computation=computation)
+            loss = model.loss(*batch, computation=computation)
         loss.backward()
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
         results[computation] = (loss.detach().float(), grads)
@@ -249,6 +292,7 @@ def run(cfg: Config, *, computations=("reference", "fast"), backends=("sdpa",), 
         "config": cfg.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "batch": cfg.data.batch_size,
         "tokens": (cfg.data.num_frames // cfg.data.tubelet_size) * (cfg.data.crop_size // cfg.data.patch_size) ** 2,
+        "clips_per_length": clip_groups(cfg),
         "model": list(cfg.encoder_size), "steps": steps, "warmup": warmup,
         "peak_tflops": peak, "peak_source": "measured matmul" if measured_peak else "given",
         "ms_per_iter": "steps run back to back as in training (no sync between them), from the first one's "
@@ -310,7 +354,9 @@ def row(v: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    head = (f"**{result['config']}** on {result['device']} ({result['dtype']}, batch {result['batch']}, "
+    groups = result.get("clips_per_length", {})
+    lengths = f", clips per length {groups}" if len(groups) > 1 else ""
+    head = (f"**{result['config']}** on {result['device']} ({result['dtype']}, batch {result['batch']}{lengths}, "
             f"{result['tokens']} tokens); peak {result['peak_tflops']:.3g} TFLOP/s ({result['peak_source']}); "
             f"ms/iter = {result['ms_per_iter']}\n\n")
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

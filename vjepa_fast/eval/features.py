@@ -55,7 +55,7 @@ class FeatureSet:
 def encoder_for_frames(encoder: VisionTransformer, num_frames: int) -> VisionTransformer:
     """`encoder` for clips of `num_frames` (<= its own, a multiple of its tubelet): same weights, the first rows
     of its pos-embed. Exact for the sin-cos embedding, whose rows of a time-step do not depend on the clip length;
-    lets a 16-frame encoder see 2-frame still images."""
+    lets a 16-frame encoder see 2-frame still images. (A RoPE encoder has no table: the same weights.)"""
     if num_frames == encoder.num_frames:
         return encoder
     if num_frames > encoder.num_frames or num_frames % encoder.tubelet_size:
@@ -66,11 +66,12 @@ def encoder_for_frames(encoder: VisionTransformer, num_frames: int) -> VisionTra
     short = VisionTransformer(img_size=encoder.img_size, num_frames=num_frames, patch_size=encoder.patch_size,
                               tubelet_size=encoder.tubelet_size, embed_dim=encoder.embed_dim, depth=len(encoder.blocks),
                               num_heads=encoder.num_heads, mlp_ratio=blk.mlp.fc1.out_features / encoder.embed_dim,
-                              attn_backend=blk.attn.backend)
+                              attn_backend=blk.attn.backend, use_rope=encoder.use_rope)
     state = dict(encoder.state_dict())
-    state["pos_embed"] = state["pos_embed"][:, :short.num_patches]
+    if encoder.pos_embed is not None:
+        state["pos_embed"] = state["pos_embed"][:, :short.num_patches]
     short.load_state_dict(state)
-    return short.to(encoder.pos_embed.device).eval().requires_grad_(False)
+    return short.to(encoder.patch_embed.proj.weight.device).eval().requires_grad_(False)
 
 
 def weights_digest(module: torch.nn.Module) -> str:

@@ -17,7 +17,7 @@ from .features import FeatureSet, cached_features
 from .protocols import ProbeResult, ProbeSettings, fit_probe
 from .views import ViewSpec, read_image_folder
 
-OFFICIAL_SAMPLING_RATE = 4  # an official checkpoint does not record its frame step; the paper's is 4
+OFFICIAL_SAMPLING_RATE = 4  # the eval frame step when a checkpoint records none (official ones; fps-sampled runs)
 
 
 @dataclass
@@ -31,14 +31,16 @@ class FrozenEncoder:
 
 
 def load_frozen(path: str, key: str = "target_encoder", *, num_frames: int | None = None,
-                num_heads: int | None = None) -> FrozenEncoder:
+                num_heads: int | None = None, use_rope: bool | None = None,
+                img_size: int | None = None) -> FrozenEncoder:
     """The frozen `key` encoder of one of our checkpoints or an official one (see checkpoint.load_encoder)."""
     state = ckpt.load_checkpoint(path)
-    encoder = ckpt.encoder_from_checkpoint(state, path, key, num_frames=num_frames, num_heads=num_heads)
+    encoder = ckpt.encoder_from_checkpoint(state, path, key, num_frames=num_frames, num_heads=num_heads,
+                                           use_rope=use_rope, img_size=img_size)
     ours = ckpt.TrainingState.from_dict(state, path) if ckpt.is_ours(state) else None
     p = Path(path).resolve()
     name = p.parent.parent.name if p.parent.name == "checkpoints" else p.stem
-    return FrozenEncoder(encoder, ours.cfg.data.sampling_rate if ours else OFFICIAL_SAMPLING_RATE,
+    return FrozenEncoder(encoder, (ours.cfg.data.sampling_rate if ours else None) or OFFICIAL_SAMPLING_RATE,
                          ours.step if ours else None, name, str(path))
 
 

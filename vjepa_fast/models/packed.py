@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +25,18 @@ except ImportError:  # torch builds without variable-length attention
 ATTENTION_BACKENDS = ("sdpa", "xformers", "eager")  # sdpa (SDPA / varlen), xformers, eager (plain math)
 
 
-def kernel_ops(device: torch.device):
-    """(pack_tokens, masked_l1_loss): the Triton kernels where they run (CUDA, or the Triton interpreter),
-    their PyTorch references elsewhere."""
+class KernelOps(NamedTuple):
+    pack_tokens: Callable
+    masked_l1_loss: Callable
+    rope: Callable
+
+
+def kernel_ops(device: torch.device) -> KernelOps:
+    """The fast path's fused ops: the Triton kernels where they run (CUDA, or the Triton interpreter), their
+    PyTorch references elsewhere."""
     if kernels.runs_on(device):
-        return kernels.pack_tokens, kernels.masked_l1_loss
-    return kernels.pack_tokens_reference, kernels.masked_l1_loss_reference
+        return KernelOps(kernels.pack_tokens, kernels.masked_l1_loss, kernels.rope)
+    return KernelOps(kernels.pack_tokens_reference, kernels.masked_l1_loss_reference, kernels.rope_reference)
 
 
 @dataclass(frozen=True)
@@ -37,11 +44,6 @@ class PackedLayout:
     """Consecutive groups of `count` sequences of `length` rows each, packed row after row."""
 
     groups: tuple[tuple[int, int], ...]  # (count, length)
-
-    @classmethod
-    def uniform(cls, count: int, lengths) -> "PackedLayout":
-        """`count` sequences for each length in `lengths` (e.g. B samples per mask)."""
-        return cls(tuple((count, int(k)) for k in lengths))
 
     @property
     def max_length(self) -> int:
@@ -75,42 +77,44 @@ def attend_dense(q, k, v, backend: str):
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def packed_attention(qkv: torch.Tensor, layout: PackedLayout, num_heads: int, backend: str) -> torch.Tensor:
-    """Self-attention within each sequence of a packed [T, 3C] qkv matrix -> [T, C].
+def packed_attention(qkv: torch.Tensor, layout: PackedLayout, num_heads: int, backend: str,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Self-attention within each sequence of a packed [T, 3C] qkv matrix -> [T, C]; with `positions` ([T, 3]
+    grid positions of the rows), queries and keys are rotated by 3D RoPE first (one fused kernel each).
 
     One group of equal-length sequences (a dense full-clip pass) always takes dense SDPA (flash / cuDNN on GPU).
     """
     T, C3 = qkv.shape
     C = C3 // 3
-    hd = C // num_heads
-    qkv = qkv.view(T, 3, num_heads, hd)
+    q, k, v = qkv.view(T, 3, num_heads, C // num_heads).unbind(1)  # [T, H, hd] views
+    if positions is not None:  # queries and keys rotated in one launch: [T, 2H, hd] with the heads of both
+        qk = kernel_ops(qkv.device).rope(qkv.view(T, 3 * num_heads, -1)[:, :2 * num_heads], positions)
+        q, k = qk[:, :num_heads], qk[:, num_heads:]
     check_backend(backend)
     if backend != "eager" and len(layout.groups) > 1:
         if backend == "xformers":
-            return _xformers_attention(qkv, layout).reshape(T, C)
+            return _xformers_attention(q, k, v, layout).reshape(T, C)
         if qkv.is_cuda and varlen_attn is not None and qkv.dtype in (torch.float16, torch.bfloat16):
             cu = layout.cu_seqlens(qkv.device)
-            q, k, v = qkv.unbind(1)
             n = layout.max_length
             return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, n, n).reshape(T, C)
     outs, start = [], 0
     for count, length in layout.groups:
         rows = count * length
-        q, k, v = qkv[start:start + rows].view(count, length, 3, num_heads, hd).permute(2, 0, 3, 1, 4)
-        outs.append(attend_dense(q, k, v, backend).transpose(1, 2).reshape(rows, C))
+        q_, k_, v_ = (t[start:start + rows].unflatten(0, (count, length)).transpose(1, 2) for t in (q, k, v))
+        outs.append(attend_dense(q_, k_, v_, backend).transpose(1, 2).reshape(rows, C))
         start += rows
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def _xformers_attention(qkv: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+def _xformers_attention(q, k, v, layout: PackedLayout) -> torch.Tensor:
     """One xformers memory-efficient attention call over all sequences with a block-diagonal mask (GPU only)."""
     try:
         from xformers.ops import fmha
     except ImportError as e:
         raise RuntimeError("model.attn_backend=xformers needs the xformers package (pip install xformers)") from e
     bias = _block_diagonal(fmha, layout)
-    q, k, v = (t.unsqueeze(0) for t in qkv.unbind(1))  # [1, T, H, hd]
-    return fmha.memory_efficient_attention(q, k, v, attn_bias=bias)[0]
+    return fmha.memory_efficient_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_bias=bias)[0]
 
 
 @functools.lru_cache(maxsize=64)
