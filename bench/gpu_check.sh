@@ -60,7 +60,7 @@ DEADLINE=$((START + 380))
 stage() {  # stage NAME SECONDS COMMAND...: run within its limit and the deadline, log everything, note the status
   local name=$1 limit=$2; shift 2
   local left=$((DEADLINE - $(date +%s)))
-  [ "$DRY" = 1 ] || [ "$MODE" = learning ] && left=$limit
+  [ "$MODE" = learning ] && left=$limit
   [ "$DRY" = 1 ] && { limit=600; left=600; }
   if [ "$left" -lt 10 ]; then
     echo "=== $name: skipped, out of time" | tee -a "$LOG"; return

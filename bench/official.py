@@ -24,13 +24,12 @@ import torch
 from vjepa_fast.bench.ceilings import matmul_tflops
 from vjepa_fast.bench.flops import step_flops
 from vjepa_fast.bench.report import write_results
-from vjepa_fast.config import Config, MaskConfig, load_config
+from vjepa_fast.config import Config, load_config, official_masks
 from vjepa_fast.models.build import MODEL_SIZES
-from vjepa_fast.step import pick_device
+from vjepa_fast.step import compute_dtype, pick_device
 
 # The harness draws the masks of configs/pretrain/vitl16.yaml, whatever the model.
-HARNESS_MASKS = [MaskConfig(num_blocks=8, spatial_scale=(0.15, 0.15)),
-                 MaskConfig(num_blocks=2, spatial_scale=(0.7, 0.7))]
+HARNESS_MASKS = official_masks()
 TIMED_LINE = re.compile(r"\[timed\s+\d+\] loss=(?P<loss>\S+) step=\s*(?P<ms>[\d.]+) ms.*"
                         r"ctx_tokens=\[(?P<ctx>[\d, ]+)\] pred_tokens=\[(?P<pred>[\d, ]+)\]")
 PEAK_MEMORY = re.compile(r"peak mem allocated: (?P<gib>[\d.]+) GiB")
@@ -48,7 +47,7 @@ def harness_args(cfg: Config, device: torch.device, steps: int, warmup: int) -> 
             [(k.num_blocks, k.spatial_scale, k.temporal_scale, k.aspect_ratio) for k in HARNESS_MASKS]:
         raise ValueError("the official harness draws the masks of the official vitl16 config (8 blocks at 0.15, "
                          f"2 at 0.7); {cfg.name} has others")
-    dtype = cfg.meta.dtype if device.type == "cuda" else "float32"
+    dtype = str(compute_dtype(cfg, device)).removeprefix("torch.")
     return ["--device", str(device), "--model", name, "--batch-size", str(d.batch_size),
             "--num-frames", str(d.num_frames), "--crop-size", str(d.crop_size), "--patch-size", str(d.patch_size),
             "--tubelet-size", str(d.tubelet_size), "--pred-depth", str(m.pred_depth),
@@ -85,7 +84,7 @@ def run(cfg: Config, official: Path, *, device="auto", steps: int = 10, warmup: 
     if code != 0 or not timed:
         raise RuntimeError(f"the official harness exited with status {code} after {len(timed)} timed iterations; "
                            f"last output: {output[-500:]}")
-    dtype = torch.bfloat16 if device.type == "cuda" and cfg.meta.dtype == "bfloat16" else torch.float32
+    dtype = compute_dtype(cfg, device)
     peak = peak_tflops if peak_tflops is not None else matmul_tflops(device, dtype)
     ms = [t for t, _, _ in timed]
     flops = [step_flops(cfg, ctx, pred).total for _, ctx, pred in timed]  # the same count as ours

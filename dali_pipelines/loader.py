@@ -25,6 +25,7 @@ import time
 import torch
 
 from ..errors import RunStopped
+from ..processes import process_gone
 from .bad_input import SkipTracker
 from .clip_plan import ClipPlan, load_first_usable
 from .dataset_file import DatasetIndex
@@ -39,12 +40,10 @@ MAX_WORKER_RESTARTS = 3  # worker restarts in a row (no batch in between) before
 MAIN_PROCESS_POLL_S = 1.0  # how often a worker checks that the main process still runs
 
 
-def worker_context(num_workers: int):
+def worker_context():
     """The multiprocessing context for DataLoader workers: a fork server, not a fork of this process. A fork
     copies the locks that other threads hold at that moment (torch.compile's workers, a profiler, a process
     group, a DALI pipeline) and its child can deadlock on them."""
-    if num_workers == 0:
-        return None
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "numpy", "av", __name__])  # one that does not import is skipped
     return context
@@ -55,7 +54,7 @@ def worker_options(num_workers: int) -> dict:
     and ending when this process ends, even by `kill -9` (exit_with_main)."""
     if num_workers == 0:
         return {"num_workers": 0}
-    return {"num_workers": num_workers, "multiprocessing_context": worker_context(num_workers),
+    return {"num_workers": num_workers, "multiprocessing_context": worker_context(),
             "worker_init_fn": functools.partial(exit_with_main, os.getpid())}
 
 
@@ -69,21 +68,6 @@ def exit_with_main(main_pid: int, worker_id: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name=f"exit-with-{main_pid}", daemon=True).start()
-
-
-def process_gone(pid: int) -> bool:
-    """Whether process `pid` has ended; a zombie (ended, not yet reaped by its parent) counts as ended."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # it exists, as another user's process
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] == "Z"  # the state follows "(command name)"
-    except (OSError, IndexError):
-        return False  # no /proc (macOS): os.kill's answer stands
 
 
 def dead_workers(batches, wait_s: float = 0.0) -> list:
@@ -165,13 +149,13 @@ class StepBatches:
             step += 1
 
 
-def collate_clips(items, lengths: tuple[int, ...] | None = None):
+def collate_clips(items, lengths: tuple[int, ...]):
     """Stack a batch's clips (default_collate: in a worker, straight into shared memory, saving a copy) and labels;
     concatenate their load attempts. With several clip `lengths` (ClipSpec.clip_lengths), one stack per length
     present, in that order (as the official collator groups them): lists of clips and labels."""
     clips, labels, attempts = zip(*items)
     attempts = [a for item in attempts for a in item]
-    if lengths is None or len(lengths) == 1:
+    if len(lengths) == 1:
         return torch.utils.data.default_collate(list(clips)), torch.tensor(labels, dtype=torch.int64), attempts
     groups = [[i for i, clip in enumerate(clips) if clip.shape[1] == length] for length in lengths]
     groups = [g for g in groups if g]

@@ -56,6 +56,12 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
+def cu_seqlens_of(lengths, device) -> torch.Tensor:
+    """int32 [len(lengths) + 1] row offsets of consecutive sequences of `lengths` rows, on `device` without a host
+    wait (varlen attention's and the packed kernels' cu_seqlens)."""
+    return to_device(torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32), device)
+
+
 def pack_indices(fn, idx_list, batch, device):
     """Check `idx_list` (int64 [batch, K_i] per mask) and return the packed-row index table and cu_seqlens.
 
@@ -72,9 +78,7 @@ def pack_indices(fn, idx_list, batch, device):
             raise ValueError(f"{fn}: idx_list[{i}] has shape {list(idx.shape)}, expected [B={batch}, K] with K >= 1")
         ks.append(idx.shape[1])
     flat = torch.cat([idx.reshape(-1) for idx in idx_list]) if len(ks) > 1 else idx_list[0].reshape(-1)
-    lengths = [k for k in ks for _ in range(batch)]
-    cu_seqlens = to_device(torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32), device)
-    return flat.contiguous(), cu_seqlens, ks
+    return flat.contiguous(), cu_seqlens_of([k for k in ks for _ in range(batch)], device), ks
 
 
 def acc_dtype(*dtypes):

@@ -210,6 +210,19 @@ def test_accumulation_on_two_gloo_processes(tiny_dataset, tmp_path):
     assert all((v - big_w[k]).abs().max() <= 1e-6 for k, v in _weights(tmp_path / "accumulated").items())
 
 
+def test_no_usable_checkpoint_stops_every_rank_at_once(tiny_dataset, tmp_path):
+    sets = ["logging.checkpoint_every=1", "logging.keep_last=2"]
+    train(_cfg(tiny_dataset, *sets), tmp_path / "run", max_steps=2, progress=False)
+    for name in ("latest.pt", "step_00000001.pt"):
+        _flip_a_byte(tmp_path / "run" / "checkpoints" / name)
+    started = time.monotonic()
+    out = _torchrun([*_train_args(tiny_dataset, tmp_path / "run", 3, *sets), "--resume"], timeout=240)
+    log = out.stdout + out.stderr
+    assert out.returncode != 0 and time.monotonic() - started < 120, log[-3000:]  # not after the 30 min timeout
+    assert "rank 0 could not resume: no usable checkpoint" in log, log[-3000:]  # rank 1 says why it stops
+    assert "did not answer" not in log
+
+
 # ---- 7. hung ranks ------------------------------------------------------------------------------
 
 HANG = textwrap.dedent("""\

@@ -82,19 +82,15 @@ def save_checkpoint(state: Mapping, path: str | Path) -> Path:
         # accepts the pending one when it matches
         os.replace(tmp, path)
         os.replace(pending, checksum_path(path))
-    except OSError as e:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         pending.unlink(missing_ok=True)
-        if e.errno != errno.ENOSPC:
+        if not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
             raise
         needed, free = _state_bytes(state), shutil.disk_usage(path.parent).free
         raise RunStopped(f"no space left on the device of {path.parent} while writing {path.name}: about "
                          f"{needed / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free; the previous checkpoint there is "
                          f"intact. Free space (or move the run directory) and continue with --resume.") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        pending.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -225,6 +221,12 @@ def _move(path: Path, to: Path) -> None:
         os.replace(checksum_path(path), checksum_path(to))
 
 
+def _remove(path: Path) -> None:
+    """Delete a checkpoint with its checksum sidecar."""
+    path.unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
+
+
 class CheckpointFolder:
     """A run's checkpoints: `latest.pt`, the newest, and `step_<N>.pt` for the ones before it (the last `keep_last`
     in all, and every `keep_every`-th step for good), each with its checksum sidecar. Resuming takes the newest
@@ -240,8 +242,11 @@ class CheckpointFolder:
 
     def candidates(self) -> list[Path]:
         """Every checkpoint here, newest first."""
-        older = sorted(self.folder.glob("step_*.pt"), reverse=True)
-        return [p for p in [self.latest, *older] if p.is_file()]
+        return [p for p in [self.latest, *self._older()] if p.is_file()]
+
+    def _older(self) -> list[Path]:
+        """The step_<N>.pt files, newest first."""
+        return sorted(self.folder.glob("step_*.pt"), reverse=True)
 
     def save(self, state: TrainingState) -> Path:
         """Write `state` as latest.pt; the previous latest becomes step_<N>.pt; prune beyond keep_last/keep_every.
@@ -256,19 +261,15 @@ class CheckpointFolder:
         return self.latest
 
     def _prune(self) -> None:
-        older = sorted(self.folder.glob("step_*.pt"), reverse=True)
-        for path in older[max(0, self.keep_last - 1):]:
+        for path in self._older()[max(0, self.keep_last - 1):]:
             step = int(path.stem.removeprefix("step_"))
-            if self.keep_every and step % self.keep_every == 0:
-                continue
-            path.unlink(missing_ok=True)
-            checksum_path(path).unlink(missing_ok=True)
+            if not (self.keep_every and step % self.keep_every == 0):
+                _remove(path)
 
     def clear(self) -> None:
         """Remove every checkpoint here (starting a run again in its folder)."""
         for path in self.candidates():
-            path.unlink(missing_ok=True)
-            checksum_path(path).unlink(missing_ok=True)
+            _remove(path)
         self.latest_step = None
 
     def load_newest(self, map_location="cpu", *, verify: bool = True) -> TrainingState | None:
@@ -403,8 +404,10 @@ def _mask_token_count(predictor: Mapping) -> int:
 
 def encoder_from_checkpoint(state: Mapping, source: str | Path, key: str = "target_encoder", *,
                             num_frames: int | None = None, num_heads: int | None = None,
-                            use_rope: bool | None = None, img_size: int | None = None) -> VisionTransformer:
-    """load_encoder for a checkpoint already in memory (`source` names it in errors)."""
+                            use_rope: bool | None = None, img_size: int | None = None,
+                            cfg: Config | None = None) -> VisionTransformer:
+    """load_encoder for a checkpoint already in memory (`source` names it in errors); `cfg`: one of ours' config,
+    where the caller has already built it from the state."""
     if key not in ("encoder", "target_encoder"):
         raise UserError(f"key must be 'encoder' or 'target_encoder', got {key!r}")
     networks = networks_of(state, source)
@@ -412,7 +415,7 @@ def encoder_from_checkpoint(state: Mapping, source: str | Path, key: str = "targ
         raise UserError(f"{source}: no {key!r} entry")
     weights = networks[key]
     if is_ours(state):
-        encoder = build_encoder(config_from_dict(state["config"]))
+        encoder = build_encoder(cfg or config_from_dict(state["config"]))
     else:
         if use_rope is None and "pos_embed" in weights:
             use_rope = _mask_token_count(networks.get("predictor", {})) == RELEASED_VJEPA2_MASK_TOKENS

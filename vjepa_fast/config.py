@@ -98,7 +98,8 @@ class MaskConfig:
     inv_block: bool = False
 
 
-def _official_masks() -> list[MaskConfig]:
+def official_masks() -> list[MaskConfig]:
+    """The masks of the official V-JEPA configs: 8 small blocks (15% of the area each) and 2 large ones (70%)."""
     return [MaskConfig(num_blocks=8, spatial_scale=(0.15, 0.15)),
             MaskConfig(num_blocks=2, spatial_scale=(0.7, 0.7))]
 
@@ -189,7 +190,7 @@ class LoggingConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     data_aug: DataAugConfig = field(default_factory=DataAugConfig)
-    mask: list[MaskConfig] = field(default_factory=_official_masks)
+    mask: list[MaskConfig] = field(default_factory=official_masks)
     meta: MetaConfig = field(default_factory=MetaConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
@@ -536,10 +537,9 @@ def _translate_official(tree: dict) -> dict:
 
 def _not_used_here(cfg: Config) -> list[str]:
     """NOT_USED_HERE keys whose value differs from the default: what to report once."""
-    default = Config()
-    plain = cfg.to_dict()
-    return [f"{key}={_get(plain, key)!r} ({why})" for key, why in NOT_USED_HERE.items()
-            if _get(plain, key) != _get(default.to_dict(), key)]
+    plain, default = cfg.to_dict(), Config().to_dict()
+    values = {key: _get(plain, key) for key in NOT_USED_HERE}
+    return [f"{key}={value!r} ({NOT_USED_HERE[key]})" for key, value in values.items() if value != _get(default, key)]
 
 
 def config_from_dict(tree: dict, name: str = "config") -> Config:

@@ -86,6 +86,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def from_main(env: DistEnv, value):
+    """Rank 0's `value` (any picklable) on every rank; the others wait for rank 0 to send it."""
+    if not env.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()

@@ -127,7 +127,7 @@ class VJEPA(nn.Module):
             loss = per_group[0] if len(groups) == 1 else sum(n * l for n, l in zip(counts, per_group)) / sum(counts)
         return loss, h[0]
 
-    def mask_token_ids(self, num_masks: int, group: int = 0) -> list[int]:
+    def mask_token_ids(self, num_masks: int, group: int) -> list[int]:
         """Which mask token each mask's targets get. V-JEPA: mask i, token i. V-JEPA 2: every mask of the g-th
         clip-length group of the batch, token g (the official indexing, shared by the mask configs)."""
         return [group] * num_masks if self.token_per_group else list(range(num_masks))
@@ -135,8 +135,8 @@ class VJEPA(nn.Module):
     @torch.no_grad()
     def targets(self, clips, computation: str):
         """Target-encoder features of the full clips: layer-normalised (reference); raw, for the fused loss (fast),
-        which also takes a list of clip tensors of several lengths (one pass; a list of features back)."""
+        which takes a list of clip tensors, one per clip length (one pass; a list of features back)."""
         if computation == "fast":
-            return self.target_encoder(clips if isinstance(clips, (list, tuple)) else [clips], computation="fast")
+            return self.target_encoder(clips, computation="fast")
         h = self.target_encoder(clips, computation=computation)
         return F.layer_norm(h, (h.size(-1),), eps=TARGET_LN_EPS)

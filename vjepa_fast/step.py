@@ -41,11 +41,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA when configured; a CPU computes in fp32."""
+    return torch.bfloat16 if device.type == "cuda" and cfg.meta.dtype == "bfloat16" else torch.float32
+
+
 def autocast_for(cfg: Config, device: torch.device):
-    """bf16 autocast on CUDA when configured; CPU computes in fp32."""
-    if device.type == "cuda" and cfg.meta.dtype == "bfloat16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Autocast to compute_dtype where that is not fp32."""
+    dtype = compute_dtype(cfg, device)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def move_to(x, device: torch.device):
+    """A tensor, or (nested) lists of them (clips of several lengths, masks), on `device` without a host wait."""
+    return to_device(x, device) if isinstance(x, torch.Tensor) else [move_to(y, device) for y in x]
 
 
 def build_model(cfg: Config, device: torch.device) -> VJEPA:
@@ -56,27 +65,21 @@ def build_model(cfg: Config, device: torch.device) -> VJEPA:
     return model.to(device)  # moves the fixed position tables, computed on the CPU (bit-identical on every device)
 
 
-def masks_generator(cfg: Config, num_frames: int | None = None) -> MaskGenerator:
-    """The mask generator of clips of `num_frames` frames (default: the config's)."""
-    d = cfg.data
-    return MaskGenerator(cfg.mask, d.crop_size, num_frames or d.num_frames, d.patch_size, d.tubelet_size)
-
-
 def masks_generators(cfg: Config) -> dict[int, MaskGenerator]:
     """One mask generator per clip length of the run (V-JEPA 2's data.dataset_fpcs), keyed by frames."""
-    lengths = dict.fromkeys(cfg.data.dataset_fpcs or [cfg.data.num_frames])
-    return {frames: masks_generator(cfg, frames) for frames in lengths}
+    d = cfg.data
+    return {frames: MaskGenerator(cfg.mask, d.crop_size, frames, d.patch_size, d.tubelet_size)
+            for frames in dict.fromkeys(d.dataset_fpcs or [d.num_frames])}
 
 
-def draw_masks(masks: MaskGenerator, cfg: Config, step: int, device: torch.device, batch_size: int | None = None,
-               stream: int = 0):
-    """The context and prediction masks of `step` for `batch_size` clips (default: the config's batch), drawn on the
+def draw_masks(masks: MaskGenerator, cfg: Config, step: int, device: torch.device, batch_size: int, stream: int = 0):
+    """The context and prediction masks of `step` for `batch_size` clips, drawn on the
     CPU from a generator seeded by (seed, step, stream) (so a resumed run replays them), then sent to `device`
     without a host wait. `stream` tells apart the draws of one step (clip-length groups, micro-batches)."""
     seed = cfg.meta.seed * 1_000_003 + step
     if stream:
         seed = int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> 1)
-    masks_enc, masks_pred = masks.gen(batch_size or cfg.data.batch_size, step,
+    masks_enc, masks_pred = masks.gen(batch_size, step,
                                       generator=torch.Generator().manual_seed(seed))
     return [to_device(m, device) for m in masks_enc], [to_device(m, device) for m in masks_pred]
 
@@ -123,16 +126,13 @@ class EMA:
             self.flat = (kernels.flatten_params(model.target_encoder), kernels.flatten_params(model.encoder))
 
     @torch.no_grad()
-    def __call__(self, momentum: float | torch.Tensor) -> None:
-        """momentum: a float, or a 0-d device tensor, which no branch reads on the host."""
+    def __call__(self, momentum: torch.Tensor) -> None:
+        """momentum: a 0-d device tensor, which no branch reads on the host."""
         if self.flat is not None:
             kernels.ema_(*self.flat, momentum)
             return
         target = [local_tensor(p) for p in self.target]  # FSDP: the matching local shards
         source = [local_tensor(p) for p in self.source]
-        if not isinstance(momentum, torch.Tensor):
-            torch._foreach_lerp_(target, source, 1.0 - momentum)
-            return
         # A tensor weight takes the List overload: the Scalar one would read it back to the host every step.
         weights = {dtype: (1.0 - momentum).to(dtype) for dtype in {t.dtype for t in target}}
         torch._foreach_lerp_(target, source, [weights[t.dtype] for t in target])

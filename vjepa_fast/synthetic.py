@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .dali_pipelines.pyav_decode import pyav
+from .processes import process_gone
 
 VERSION = 1  # bump when the generative model changes: the cache folder name changes with it
 FPS = 16
@@ -169,22 +170,12 @@ def _write_dataset_files(folder: str, num_videos: int) -> None:
                     f.write(f"videos/{index:05d}.webm {video_labels(index)[task_number]}\n")
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_abandoned_builds(cache: str, name: str) -> None:
     """Delete this host's temporary build folders of `name` whose building process is gone (killed mid-build)."""
     pattern = re.compile(rf"\.{re.escape(name)}\.tmp-{re.escape(socket.gethostname())}-(\d+)-.*")
     for entry in os.listdir(cache):
         match = pattern.fullmatch(entry)
-        if match and not _process_alive(int(match.group(1))):
+        if match and process_gone(int(match.group(1))):
             shutil.rmtree(os.path.join(cache, entry), ignore_errors=True)
 
 

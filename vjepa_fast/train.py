@@ -29,8 +29,8 @@ from .model import NETWORKS, VJEPA
 from .models.vit import Block
 from .optim import Schedule, apply_schedule, build_optimizer
 from .run_log import MetricsLog, plot_loss
-from .step import (EMA, StepResult, autocast_for, build_model, masks_generators, pick_device, step_batches,
-                   to_device, train_step)
+from .step import (EMA, StepResult, autocast_for, build_model, masks_generators, move_to, pick_device,
+                   step_batches, train_step)
 
 log = logging.getLogger(__name__)
 
@@ -225,18 +225,26 @@ def wrap_for_data_parallel(model: VJEPA, cfg: Config, env: dist_utils.DistEnv, d
 def _resume_state(run: RunDir, overwrite: bool, resume: bool, device: torch.device,
                   env: dist_utils.DistEnv) -> ckpt.TrainingState | None:
     """The state to continue from: rank 0 finds the newest usable checkpoint (setting damaged ones aside), then the
-    other ranks load the same one. None: a fresh start (the old checkpoints are removed with `overwrite`)."""
-    state = None
+    other ranks load the same one. None: a fresh start (the old checkpoints are removed with `overwrite`). When no
+    checkpoint is usable, every rank stops with rank 0's message (rather than the others waiting for it)."""
+    state, stopped = None, None
     if env.is_main:
-        if resume:
-            state = run.checkpoints.load_newest(device)
-            if state is None:
-                log.info("--resume: no checkpoint in %s yet; starting a fresh run (a first start, or a job "
-                         "stopped before its first checkpoint)", run.checkpoints.folder)
-        elif overwrite and run.checkpoints.candidates():
-            log.warning("--overwrite: removing the checkpoints of the earlier run in %s", run.checkpoints.folder)
-            run.checkpoints.clear()
-    dist_utils.barrier(env)
+        try:
+            if resume:
+                state = run.checkpoints.load_newest(device)
+                if state is None:
+                    log.info("--resume: no checkpoint in %s yet; starting a fresh run (a first start, or a job "
+                             "stopped before its first checkpoint)", run.checkpoints.folder)
+            elif overwrite and run.checkpoints.candidates():
+                log.warning("--overwrite: removing the checkpoints of the earlier run in %s", run.checkpoints.folder)
+                run.checkpoints.clear()
+        except RunStopped as e:
+            stopped = e
+    message = dist_utils.from_main(env, str(stopped) if stopped else None)  # the others wait here for rank 0
+    if stopped:
+        raise stopped
+    if message:
+        raise RunStopped(f"rank 0 could not resume: {message}")
     if resume and not env.is_main:
         state = run.checkpoints.load_newest(device, verify=False)
     return state
@@ -250,16 +258,16 @@ def _train(cfg: Config, run: RunDir, resume: bool, overwrite: bool, device: torc
     total = min(cfg.total_steps, max_steps) if max_steps else cfg.total_steps
     health = HealthMonitor(cfg.logging.health_every, cfg.logging.collapse_fraction)
 
-    start, skipped_total = 0, 0
+    start, skipped_total, optimizer_state = 0, 0, None
     resumed = _resume_state(run, overwrite, resume, device, env)
     if resumed is not None:
         model.load_networks(resumed.networks)
         ckpt.set_rng_state(resumed.rng)
         health.load_state_dict(resumed.health)
         start, skipped_total = resumed.step, resumed.skipped_steps
+        optimizer_state = resumed.optimizer
         log.info("resumed %s at step %d", run.checkpoints.folder, start)
-    optimizer_state = resumed.optimizer if resumed is not None else None
-    if resumed is None and cfg.optimization.is_anneal:
+    elif cfg.optimization.is_anneal:
         source = cfg.optimization.anneal_ckpt
         state = ckpt.load_checkpoint(source)
         networks = ckpt.networks_of(state, source)
@@ -271,7 +279,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, overwrite: bool, device: torc
         optimizer_state = ckpt.optimizer_of(state)
         log.info("cooldown: starting from %s (networks%s), the lr decaying linearly from %g towards %g", source,
                  " and optimizer state" if optimizer_state else "", cfg.optimization.lr, cfg.optimization.final_lr)
-    elif resumed is None and cfg.meta.load_checkpoint and cfg.meta.read_checkpoint:
+    elif cfg.meta.load_checkpoint and cfg.meta.read_checkpoint:
         source = cfg.meta.read_checkpoint
         model.load_networks(ckpt.networks_of(ckpt.load_checkpoint(source), source))
         log.info("initialised the networks from %s", source)
@@ -326,7 +334,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, overwrite: bool, device: torc
         with StopRequest() as stop:
             while step < total:
                 t0 = time.perf_counter()
-                clips = [_to_device(next(loader)[0], device) for _ in range(accumulation)]
+                clips = [move_to(next(loader)[0], device) for _ in range(accumulation)]
                 t_data = time.perf_counter() - t0
                 # drawn on the CPU (no device sync for their sizes) while the device works on the last step
                 batches = step_batches(clips, masks, cfg, step, device)
@@ -377,11 +385,6 @@ def _train(cfg: Config, run: RunDir, resume: bool, overwrite: bool, device: torc
              seconds, pending.first_loss, pending.last_loss, pending.skipped_total, run.latest)
     return TrainResult(run.root, start, step, pending.first_loss, pending.last_loss, seconds,
                        pending.skipped_total, stopped_by)
-
-
-def _to_device(clips, device: torch.device):
-    """A loader batch's clips on the device: a tensor, or a list of them (one per clip length)."""
-    return [to_device(c, device) for c in clips] if isinstance(clips, list) else to_device(clips, device)
 
 
 def _hung_rank_error(cfg: Config, run: RunDir, env: dist_utils.DistEnv, step: int) -> RunStopped:

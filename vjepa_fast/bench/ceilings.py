@@ -38,10 +38,15 @@ def make_timer(quick: bool = False):
     return wall
 
 
+def matmul_size(device: torch.device) -> int:
+    """The side of the square matmul that measures the peak: 8192 on CUDA, 1024 on a CPU."""
+    return 8192 if device.type == "cuda" else 1024
+
+
 def matmul_tflops(device: torch.device, dtype: torch.dtype, timer=None) -> float:
-    """Achieved TFLOP/s of a large square matmul on random data (8192 on CUDA, 1024 on CPU)."""
+    """Achieved TFLOP/s of a matmul_size(device) square matmul on random data."""
     timer = timer or make_timer()
-    n = 8192 if device.type == "cuda" else 1024
+    n = matmul_size(device)
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
@@ -60,14 +65,15 @@ def measure(device: torch.device | None = None) -> dict:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     timer = make_timer()
+    nbytes = (1 << 30) if cuda else (64 << 20)
     return {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch": torch.__version__,
         "matmul_dtype": str(dtype).replace("torch.", ""),
-        "matmul_n": 8192 if cuda else 1024,
+        "matmul_n": matmul_size(device),
         "matmul_tflops": matmul_tflops(device, dtype, timer),
-        "copy_bytes": (1 << 30) if cuda else (64 << 20),
-        "copy_gbps": copy_gbps(timer, device, (1 << 30) if cuda else (64 << 20)),
+        "copy_bytes": nbytes,
+        "copy_gbps": copy_gbps(timer, device, nbytes),
     }
 
 

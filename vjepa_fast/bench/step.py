@@ -39,8 +39,8 @@ from ..config import Config
 from ..errors import UserError
 from ..model import STAGES
 from ..optim import build_optimizer
-from ..step import (EMA, Batch, autocast_for, build_model, masks_generators, pick_device, step_batches, to_device,
-                    train_step)
+from ..step import (EMA, Batch, autocast_for, build_model, compute_dtype, masks_generators, move_to, pick_device,
+                    step_batches, train_step)
 from .ceilings import matmul_tflops
 from .flops import StepFlops, mean_flops, step_flops
 from .report import write_results
@@ -162,8 +162,7 @@ def host_batch(cfg: Config, masks: dict, clips: list[torch.Tensor], step: int) -
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
     """The batch on `device`, copied without a host wait."""
-    move = lambda x: to_device(x, device) if isinstance(x, torch.Tensor) else [move(y) for y in x]  # noqa: E731
-    return Batch(*(move(field) for field in batch))
+    return Batch(*(move_to(field, device) for field in batch))
 
 
 def synthetic_batch(cfg: Config, device: torch.device, step: int, seed: int = 0) -> Batch:
@@ -285,7 +284,7 @@ def run(cfg: Config, *, computations=("reference", "fast"), backends=("sdpa",), 
         check_parity: bool = True, on_variant=None) -> dict:
     """Time every planned variant; `on_variant(result)` is called after each with the result so far."""
     device = pick_device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" and cfg.meta.dtype == "bfloat16" else torch.float32
+    dtype = compute_dtype(cfg, device)
     measured_peak = peak_tflops is None
     peak = matmul_tflops(device, dtype) if measured_peak else peak_tflops
     result = {

@@ -35,12 +35,13 @@ def load_frozen(path: str, key: str = "target_encoder", *, num_frames: int | Non
                 img_size: int | None = None) -> FrozenEncoder:
     """The frozen `key` encoder of one of our checkpoints or an official one (see checkpoint.load_encoder)."""
     state = ckpt.load_checkpoint(path)
-    encoder = ckpt.encoder_from_checkpoint(state, path, key, num_frames=num_frames, num_heads=num_heads,
-                                           use_rope=use_rope, img_size=img_size)
     ours = ckpt.TrainingState.from_dict(state, path) if ckpt.is_ours(state) else None
+    cfg = ours.cfg if ours else None  # built once: each build validates and warns
+    encoder = ckpt.encoder_from_checkpoint(state, path, key, num_frames=num_frames, num_heads=num_heads,
+                                           use_rope=use_rope, img_size=img_size, cfg=cfg)
     p = Path(path).resolve()
     name = p.parent.parent.name if p.parent.name == "checkpoints" else p.stem
-    return FrozenEncoder(encoder, (ours.cfg.data.sampling_rate if ours else None) or OFFICIAL_SAMPLING_RATE,
+    return FrozenEncoder(encoder, (cfg.data.sampling_rate if cfg else None) or OFFICIAL_SAMPLING_RATE,
                          ours.step if ours else None, name, str(path))
 
 

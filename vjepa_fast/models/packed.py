@@ -56,12 +56,7 @@ class PackedLayout:
 
 @functools.lru_cache(maxsize=64)
 def _cu_seqlens(layout: PackedLayout, device: torch.device) -> torch.Tensor:
-    """Made on the device from the layout's integers (a copy of a host table would make the host wait)."""
-    parts, offset = [torch.zeros(1, dtype=torch.int32, device=device)], 0
-    for count, length in layout.groups:
-        parts.append(offset + length * torch.arange(1, count + 1, dtype=torch.int32, device=device))
-        offset += count * length
-    return torch.cat(parts)
+    return kernels.cu_seqlens_of([length for count, length in layout.groups for _ in range(count)], device)
 
 
 def check_backend(backend: str) -> None:
