@@ -8,7 +8,7 @@ from ..errors import RunStopped
 
 logger = logging.getLogger(__name__)
 
-SKIP_REASONS = ("missing", "empty", "truncated", "undecodable", "unsupported", "too_short")
+SKIP_REASONS = ("missing", "empty", "truncated", "undecodable", "unsupported", "too_short", "too_large")
 
 # Most files failing is checked once this many distinct files (or the whole dataset, if smaller) were tried.
 MIN_FILES_FOR_FAILURE_CHECK = 8

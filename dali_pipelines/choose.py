@@ -14,6 +14,7 @@ import torch
 
 from ..errors import UserError
 from .bad_input import VideoError
+from .clip_plan import is_image
 from .dali_loader import DALI_CODECS, DaliClipLoader
 from .dataset_file import DatasetIndex, read_dataset_files
 from .loader import PyAVClipLoader, StepLoader
@@ -60,6 +61,9 @@ def choose_loader(requested: str, dataset: DatasetIndex, spec: ClipSpec | None =
         return LoaderChoice("pyav", "cpu", "no CUDA device, and on a CPU PyAV decodes faster than DALI")
     if not dali_installed():
         return LoaderChoice("pyav", "cpu", f"NVIDIA DALI is not installed ({DALI_INSTALL})")
+    image = next((path for path in dataset.paths if is_image(path)), None)  # anywhere: a name check, no probe
+    if image is not None:
+        return LoaderChoice("pyav", "cpu", f"{image} is an image, which DALI's video decoder does not read")
     for path in dict.fromkeys(dataset.paths[:CODEC_SAMPLE]):
         try:
             codec = probe_video(path).codec

@@ -4,8 +4,8 @@ with device "cpu", by the same pipeline on the CPU (VP8, VP9 and MJPEG only).
 The host makes every choice exactly as the PyAV loader does (clip_plan.py: video, frame indices, crop box and flip
 from (seed, stream position)), reads the chosen file's bytes in a thread pool, and feeds bytes and choices to the
 pipeline (dali_pipeline.py), which decodes exactly the planned frames (fn.decoders.video(frames=...)). So:
-- sampling is the official one, with no DALI approximation: a 64-frame span at a random end, linspace, last frame
-  repeated for short videos; one random-resized-crop box and one flip per clip;
+- sampling is the official one, with no DALI approximation (the same clip_plan.plan_clip): a span at a random end,
+  linspace, last frame repeated for short videos; one random-resized-crop box and one flip per clip;
 - batch k is a pure function of (seed, k, rank, world_size, dataset), and start_step=k resumes exactly (own
   bookkeeping, no DALI checkpoint);
 - for the same video it gives the PyAV loader's clip up to the decoders' YUV->RGB conversion (a few levels on 0-255)
@@ -16,10 +16,11 @@ does not seek in an in-memory file, so a clip's cost grows with its position (a 
 300-frame 340x256 VP9 file: 31/98/134 ms, PyAV 38/45/55 ms; MJPEG likewise); hence 'auto' never takes DALI's CPU
 pipeline, and whether the GPU decoder seeks must be measured (bench/data.py) on a machine with DALI and a GPU.
 
-Bad input: what the probe rejects, and codecs this device's DALI decoder cannot read ('unsupported'), are replaced
-before decoding, as in the PyAV loader. A planned clip that probes but that DALI fails to decode invalidates the
-pipeline: the loader decodes that batch's clips one at a time to find the failing ones, marks those (file, frames)
-plans 'undecodable' and rebuilds the pipeline at the same step, whose fresh draws replace them.
+Bad input: what the probe rejects, and codecs this device's DALI decoder cannot read ('unsupported', also image
+entries, which the PyAV loader reads), are replaced before decoding, as in the PyAV loader. A planned clip that
+probes but that DALI fails to decode invalidates the pipeline: the loader decodes that batch's clips one at a time
+to find the failing ones, marks those (file, frames) plans 'undecodable' and rebuilds the pipeline at the same step,
+whose fresh draws replace them.
 """
 import collections
 import concurrent.futures
@@ -30,7 +31,7 @@ import torch
 
 from ..errors import UserError
 from .bad_input import VideoError
-from .clip_plan import ClipPlan, load_first_usable
+from .clip_plan import ClipPlan, is_image, load_first_usable
 from .dataset_file import DatasetIndex
 from .loader import StepLoader
 from .spec import ClipSpec
@@ -89,6 +90,9 @@ class DaliClipLoader(StepLoader):
 
     def _read(self, plan: ClipPlan) -> tuple[np.ndarray, ClipPlan]:
         """load_first_usable's load step: the planned file's bytes, unless DALI cannot decode the plan."""
+        if is_image(plan.path):
+            raise VideoError("unsupported", "an image: DALI's video decoder reads videos only (data.loader=pyav reads "
+                                            "images)")
         if plan.info.codec not in self.codecs:
             raise VideoError("unsupported", f"{plan.info.codec} video: DALI's {self.device} decoder reads only "
                                             f"{', '.join(sorted(self.codecs))}")

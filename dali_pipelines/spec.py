@@ -7,9 +7,13 @@ from dataclasses import dataclass
 class ClipSpec:
     """One clip: `num_frames` frames `sampling_rate` apart, cropped and resized to `crop_size` x `crop_size`.
 
-    V-JEPA 2's options: `fps` samples the frames at that rate in time instead (a video's frame step is
-    ceil(its fps) // fps, as the official loader computes it), and `source_frames` gives each dataset file its own
-    clip length (data.dataset_fpcs; a batch then holds clips of several lengths).
+    `fps` (V-JEPA 2) samples the frames at that rate in time instead (a video's frame step is ceil(its fps) // fps),
+    and `duration` (V-JEPA 1's clip_duration) spreads the clip over that many seconds (step int(duration * fps /
+    frames)), as the official loaders compute them; `source_frames` gives each dataset file its own clip length
+    (data.dataset_fpcs; a batch then holds clips of several lengths).
+    Which videos are skipped, as the official loader: files over `filter_long_videos` bytes, and with
+    `filter_short_videos` videos with fewer frames than the clip spans; `min_frames` (this project's) skips videos
+    with fewer frames than that. Other short videos are sampled whole with their last frame repeated.
     train=True draws a random span end, a random-resized-crop box and a horizontal flip per clip (the official V-JEPA
     augmentation); train=False gives the deterministic eval clip (centred span, centre square, no flip).
     """
@@ -19,9 +23,12 @@ class ClipSpec:
     random_resize_scale: tuple[float, float] = (0.3, 1.0)
     random_resize_aspect_ratio: tuple[float, float] = (0.75, 1.35)
     horizontal_flip: bool = True
-    min_frames: int | None = None  # None -> the clip's frames; a video with fewer decodable frames is "too short"
+    min_frames: int | None = None  # a video with fewer frames is "too_short" (None: no minimum)
+    filter_short_videos: bool = False  # a video with fewer frames than the clip spans is "too_short"
+    filter_long_videos: int = 10**9  # a file of more bytes is "too_large"
     train: bool = True
     fps: float | None = None
+    duration: float | None = None  # seconds a clip spans (instead of sampling_rate; not with fps)
     source_frames: tuple[int, ...] | None = None  # frames per clip of each dataset file (None: num_frames for all)
 
     def __post_init__(self):
@@ -36,8 +43,11 @@ class ClipSpec:
                 raise ValueError(f"ClipSpec.{name} must be (low, high) with 0 < low <= high, got {(low, high)}")
             object.__setattr__(self, name, (float(low), float(high)))  # YAML gives lists; keep the spec hashable
 
-        if self.fps is not None and not self.fps > 0:
-            raise ValueError(f"ClipSpec.fps must be None or > 0, got {self.fps}")
+        for name in ("fps", "duration"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"ClipSpec.{name} must be None or > 0, got {getattr(self, name)}")
+        if self.fps is not None and self.duration is not None:
+            raise ValueError(f"ClipSpec takes fps={self.fps} or duration={self.duration}, not both")
         if self.source_frames is not None:
             object.__setattr__(self, "source_frames", tuple(int(f) for f in self.source_frames))
             if not self.source_frames or min(self.source_frames) < 1:
@@ -52,11 +62,13 @@ class ClipSpec:
         """The distinct clip lengths, in the order a batch groups them (first appearance in source_frames)."""
         return (self.num_frames,) if self.source_frames is None else tuple(dict.fromkeys(self.source_frames))
 
-    def frame_step(self, video_fps: float) -> int:
-        """Frames between two sampled frames of a video: sampling_rate, or with `fps` ceil(video_fps) // fps (0 for a
-        video slower than fps, which cannot give such a clip)."""
-        return self.sampling_rate if self.fps is None else int(math.ceil(video_fps) // self.fps)
-
-    def required_frames(self, frames: int | None = None) -> int:
-        """Fewest decodable frames a video must have to be used for a clip of `frames` (default num_frames)."""
-        return (frames or self.num_frames) if self.min_frames is None else self.min_frames
+    def frame_step(self, video_fps: float, frames: int | None = None) -> int:
+        """Frames between two sampled frames of a clip of `frames` (default num_frames) frames from a `video_fps`
+        video: sampling_rate,
+        or with `fps` ceil(video_fps) // fps, or with `duration` int(duration * video_fps / frames) (0 when the
+        video's frame rate cannot give such a clip)."""
+        if self.fps is not None:
+            return int(math.ceil(video_fps) // self.fps)
+        if self.duration is not None:
+            return int(self.duration * video_fps / (frames or self.num_frames))
+        return self.sampling_rate

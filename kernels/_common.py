@@ -4,9 +4,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
-
-# triton.jit reads the same switch when it decorates a kernel: interpreted kernels run on CPU tensors.
-INTERPRET = triton.knobs.runtime.interpret
+from triton.runtime.interpreter import InterpretedFunction
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -45,6 +43,11 @@ def packed_rows(cu_ptr, idx_ptr, B, N, BLOCK_R: tl.constexpr):
     row_mask = rows < end
     tok = tl.load(idx_ptr + rows, mask=row_mask, other=0)
     return rows, row_mask, tok, (seq % B) * N + tok
+
+
+# Whether triton.jit made interpreted kernels (TRITON_INTERPRET was on when triton was imported): those run on CPU
+# tensors. Asked of a kernel rather than of the environment, as each Triton version spells the switch its own way.
+INTERPRET = isinstance(packed_rows, InterpretedFunction)
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:

@@ -146,7 +146,9 @@ def _rope_kernel(x_ptr, pos_ptr, out_ptr, rows, heads, stride_xr, stride_xh, str
     dst = out_ptr + r.to(tl.int64)[:, None] * (heads * HD) + j[None, :]
     for hh in range(HEADS_PER_PROG):
         h = tl.program_id(1) * HEADS_PER_PROG + hh
-        head_mask = mask & (h < heads)
+        # h compared as a block: the interpreter widens a scalar comparison splatted into a block to int32, and
+        # Triton >= 3.9's interpreter refuses a load mask that is not bool.
+        head_mask = mask & (tl.full((BLOCK_R, 1), h, tl.int32) < heads)
         # A constant head stride tells the compiler the alignment (vector loads for hd = 88 too).
         head_offset = h.to(tl.int64) * (HD if HEADS_PACKED else stride_xh)
         val = tl.load(src + head_offset, mask=head_mask, other=0).to(ACC)

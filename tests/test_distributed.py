@@ -11,9 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import TINY
+from helpers import TINY, tiny_config
 from vjepa_fast.checkpoint import load_checkpoint
 from vjepa_fast.distributed import DistEnv, assert_replicas_equal
+from vjepa_fast.optim import build_optimizer
+from vjepa_fast.step import build_model, masks_generators, step_batches, train_step
+from vjepa_fast.train import wrap_for_data_parallel
 
 
 def _torchrun(run_dir, dataset, max_steps, *, resume=False, sets=()):
@@ -79,6 +82,39 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _losses_worker(rank, port, results):
+    """3 steps of DDP, then of FSDP, on the same clips, with no checkpoint in between: each one's losses."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        for mode in ("ddp", "fsdp"):
+            cfg = tiny_config(f"meta.data_parallel={mode}")
+            device = torch.device("cpu")
+            model = build_model(cfg, device)
+            ema = wrap_for_data_parallel(model, cfg, DistEnv(rank, 2, rank), device)
+            optimizer = build_optimizer(cfg.optimization, model.encoder, model.predictor)
+            losses = []
+            for step in range(3):
+                clips = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(10 * step + rank))
+                batches = step_batches([clips], masks_generators(cfg), cfg, step, device)
+                result = train_step(model, optimizer, ema, batches, computation="fast",
+                                    autocast=torch.autocast("cpu", enabled=False), max_norm=None, momentum=0.9)
+                losses.append(float(result.loss))
+            results[(rank, mode)] = losses
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_trains_as_ddp_bit_for_bit_between_checkpoints(monkeypatch):
+    """FSDP's target encoder takes the EMA's newest weights at every step (its root's gathered parameters are not
+    kept from one forward to the next), so it gives DDP's losses exactly, checkpointing or not."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the workers take the kernels' PyTorch references
+    results = mp.Manager().dict()
+    mp.spawn(_losses_worker, args=(_free_port(), results), nprocs=2)
+    for rank in (0, 1):
+        assert results[(rank, "fsdp")] == results[(rank, "ddp")], rank
 
 
 def _replica_worker(rank, port, perturb, results):

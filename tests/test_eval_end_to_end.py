@@ -52,8 +52,13 @@ def test_eval_on_dataset_files_ours_and_official_format(tiny, tmp_path, capsys):
     ckpt.export_official(ckpt.load_training_state(path), official)
     assert cli.main(["eval", "--checkpoint", str(official), "--num-frames", "4", "--num-heads", "2",
                      "--out-dir", str(tmp_path / "official"), *common]) == 0
-    assert _rows(tmp_path / "official" / "attentive.csv") == ours  # same weights: same cached features, same probe
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # train + val, extracted once
+    assert _rows(tmp_path / "official" / "attentive.csv") == ours  # same weights: same clips and features, same probe
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # val only: train clips are augmented every epoch
+
+    assert cli.main(["eval", "--checkpoint", str(path), "--cached-train", "--out-dir", str(tmp_path / "cached"),
+                     *common]) == 0  # ours: train on cached un-augmented train views
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    assert _rows(tmp_path / "cached" / "attentive.csv") != ours
 
 
 def test_eval_on_an_image_folder(tiny, tmp_path, capsys):
@@ -69,14 +74,15 @@ def test_eval_on_an_image_folder(tiny, tmp_path, capsys):
                 pixels = np.clip(rng.normal(colour, 20, size=(24, 36, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     assert cli.main(["eval", "--checkpoint", str(path), "--image-folder", str(tmp_path / "images"),
-                     "--image-frames", "2", "--num-views", "3", "--epochs", "2", "--batch-size", "4",
-                     "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
-                     "--workers", "0", "--no-progress"]) == 0
+                     "--num-views", "3", "--epochs", "2", "--out-dir", str(tmp_path / "out"),
+                     "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
     assert "8 train / 4 val items, 2 classes" in capsys.readouterr().out
     rows = _rows(tmp_path / "out" / "attentive.csv")
     assert len(rows) == 2 and rows[0]["val_top5"] == ""  # 2 classes: no top-5
+    # the official image protocol: batch 1024 (one step per epoch here), weight decay cosine from 0.001 to 1e-6
+    assert float(rows[0]["weight_decay"]) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5, rel=1e-3)
     shapes = sorted(np.load(f, mmap_mode="r").shape for f in (tmp_path / "cache").glob("*.npy"))
-    assert shapes == [(4, 3, 16, 32), (8, 3, 16, 32)]  # 3 views of a 2-frame clip: 1 x 4 x 4 tokens of width 32
+    assert shapes == [(4, 3, 32, 32)]  # val only; 3 views, each image repeated into the encoder's 4 frames
 
 
 def test_eval_errors_name_the_bad_input(tiny, tmp_path, capsys):

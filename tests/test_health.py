@@ -1,4 +1,5 @@
 import logging
+import math
 
 import pytest
 import torch
@@ -22,8 +23,11 @@ def test_spreads_split_token_and_clip_variation():
     assert token == pytest.approx(0.0, abs=1e-3) and clip == pytest.approx(1.0, abs=0.15)
     scaled = feature_spread(_features(0.5, 1) * 7 + 3)  # measured on the layer-normed target: scale-free
     assert scaled == pytest.approx(feature_spread(_features(0.5, 1)), abs=1e-4)
-    with pytest.raises(ValueError, match=r"\[1, 4, 8\]"):
-        feature_spread(torch.zeros(1, 4, 8))
+    with pytest.raises(ValueError, match=r"\[2, 1, 8\]"):
+        feature_spread(torch.zeros(2, 1, 8))
+    one = _features(0.5, 1)[:1]  # a clip-length group of one clip: its token spread, no clip spread
+    token, clip = feature_spread(one)
+    assert token == pytest.approx(feature_spread(_features(0.5, 1))[0], rel=0.2) and math.isnan(clip)
 
 
 def _run(monitor, shares, start=0, every=10):

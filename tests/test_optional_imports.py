@@ -1,6 +1,7 @@
 """Training, benchmarks and profiling on synthetic or in-memory data need neither PyAV nor NVIDIA DALI nor xformers
 (GPU images often lack them), and the tests that do need them skip cleanly where they are missing."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,8 +15,11 @@ OPTIONAL = ("av", "nvidia.dali", "xformers")
 BLOCK = f"import sys\nfor name in {OPTIONAL!r}:\n    sys.modules[name] = None\n"
 
 
-def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter; `env` set (a value None: removed) over this process's environment."""
+    environ = {k: v for k, v in (os.environ | env).items() if v is not None}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=environ)
 
 
 def test_step_benchmark_runs_without_them(tmp_path):
@@ -27,11 +31,19 @@ def test_step_benchmark_runs_without_them(tmp_path):
     assert [(v["label"], v["error"]) for v in variants] == [("reference", None), ("fast", None)]
 
 
+COLLECT = BLOCK + "import pytest\nsys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', 'tests']))"
+
+
 def test_pytest_collects_every_module_without_them():
-    proc = _python(BLOCK + "import pytest\nsys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', "
-                           "'tests']))")
+    proc = _python(COLLECT, CI=None)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert re.match(r"\d+ tests collected in ", proc.stdout.strip().splitlines()[-1]), proc.stdout[-3000:]  # no errors
+
+
+def test_on_ci_a_missing_dali_fails_the_collection_instead_of_skipping():
+    proc = _python(COLLECT, CI="true")
+    assert proc.returncode != 0
+    assert "ERROR tests/test_dali_loader.py" in proc.stdout and "1 error" in proc.stdout, proc.stdout[-3000:]
 
 
 def test_the_training_step_and_the_benchmarks_import_none_of_them():

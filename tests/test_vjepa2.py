@@ -70,8 +70,7 @@ def _v2_tree():
 
 
 @pytest.mark.parametrize("section,key,value,match", [
-    ("data", "clip_duration", 8.0, "data.clip_duration=8.0: not supported"),
-    ("data", "filter_short_videos", True, "data.filter_short_videos=True: not supported"),
+    ("data", "clip_duration", 8.0, "data.fps=4 and data.clip_duration=8.0: give one"),
     ("model", "use_silu", True, "model.use_silu=True: not supported"),
     ("meta", "skip_batches", 10, "meta.skip_batches=10: not supported"),
     ("model", "use_rope", False, None),  # allowed: then one clip length only (sin-cos)
@@ -248,6 +247,16 @@ def test_mixed_length_training_resumes_exactly(tiny_dataset, tmp_path):
     assert encoder.use_rope and encoder(torch.randn(1, 3, 4, 32, 32)).shape == (1, 32, 48)
 
 
+def test_the_health_monitor_measures_a_clip_length_group_of_one_clip(tiny_dataset, tmp_path):
+    """Batches of 2 over 2 clip lengths: a step's first group often holds a single clip, which has a token spread
+    but no clip spread."""
+    cfg = _v2_tiny(tiny_dataset, "data.batch_size=2", "logging.health_every=1")
+    train(cfg, tmp_path, max_steps=4, progress=False)
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and all(float(r["health_token_spread"]) > 0 for r in rows)
+
+
 def test_a_cooldown_starts_from_the_pretraining_checkpoint_and_survives_a_kill_exactly(tiny_dataset, tmp_path):
     train(_v2_tiny(tiny_dataset, "meta.seed=7"), tmp_path / "pretrain", max_steps=2, progress=False)
     anneal = str(tmp_path / "pretrain" / "checkpoints" / "latest.pt")
@@ -336,3 +345,48 @@ def test_a_released_vjepa2_file_loads_as_rope_and_vjepa_fast_eval_probes_it(tiny
     assert "attentive" in capsys.readouterr().out
     with open(tmp_path / "eval" / "attentive.csv") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+
+
+# ---- clips of any size ------------------------------------------------------------------------------
+
+def test_a_rope_encoder_takes_clips_of_any_size_as_one_built_for_that_size(tmp_path):
+    """As the official RoPE encoder: built for one size, it encodes clips of other sizes and lengths (in both
+    computations, masked or not, several sizes in one fast pass) exactly as an encoder built for that size with the
+    same weights; frames and pixels past the last whole tubelet and patch are dropped. Sin-cos encoders keep
+    their table's size."""
+    from vjepa_fast.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    shape = dict(patch_size=8, tubelet_size=2, embed_dim=48, depth=2, num_heads=2)
+    built = VisionTransformer(img_size=32, num_frames=4, use_rope=True, **shape).eval()
+    clips, fresh_out = [], []
+    with torch.no_grad():
+        for frames, size in ((8, 48), (2, 16)):  # larger and longer; smaller and shorter
+            fresh = VisionTransformer(img_size=size, num_frames=frames, use_rope=True, **shape).eval()
+            fresh.load_state_dict(built.state_dict())
+            x = torch.randn(2, 3, frames, size, size)
+            n = frames // 2 * (size // 8) ** 2
+            mask = torch.stack([torch.randperm(n)[:n // 2] for _ in range(2)])
+            for computation in ("reference", "fast"):
+                for m in (None, mask):
+                    assert torch.equal(built(x, m, computation=computation), fresh(x, m, computation=computation))
+            clips.append(x)
+            fresh_out.append(fresh(x))
+            ragged = torch.cat([x, torch.randn(2, 3, 1, size, size)], 2)  # one frame past the last tubelet
+            ragged = torch.nn.functional.pad(ragged, (0, 5, 0, 3))  # and pixels past the last patch
+            assert torch.equal(built(ragged), fresh(x))
+        for got, want in zip(built(clips, computation="fast"), fresh_out):  # one pass, each on its own grid
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        # an official-format file, loaded without img_size / num_frames (nominal 256 px, 16 frames)
+        save_checkpoint({k: {f"module.backbone.{n}": t for n, t in built.state_dict().items()}
+                         for k in ("encoder", "target_encoder")}, tmp_path / "official.pt")
+        loaded = load_encoder(tmp_path / "official.pt", num_heads=2)
+        assert (loaded.img_size, loaded.num_frames) == (256, 16)
+        x = torch.randn(2, 3, 8, 64, 64)
+        assert torch.equal(loaded(x), built(x))
+
+    sincos = VisionTransformer(img_size=32, num_frames=4, **shape)
+    with pytest.raises(ValueError, match=r"encoder expects clips \[B, 3, 4, 32, 32\], got \[2, 3, 8, 48, 48\]"):
+        sincos(torch.randn(2, 3, 8, 48, 48))
+    with pytest.raises(ValueError, match=r"encoder expects clips \[B, 3, T >= 2, H >= 8, W >= 8\], got \[2, 3, 1, "):
+        built(torch.randn(2, 3, 1, 32, 32))

@@ -30,6 +30,7 @@ from .errors import RunStopped, UserError
 from .model import NETWORKS
 from .models import VisionTransformer
 from .models.build import build_encoder, encoder_from_weights, load_weights_strict
+from .optim import OFFICIAL_IMPLEMENTATION
 
 log = logging.getLogger(__name__)
 
@@ -357,20 +358,27 @@ def networks_of(state: Mapping, source: str | Path) -> dict[str, dict]:
     return {k: v for k, v in official_networks(state, source).items() if k in NETWORKS}
 
 
-def optimizer_of(state: Mapping) -> dict | None:
-    """The optimizer state of a checkpoint in memory (ours: `optimizer`; official: `opt`), None when it has none.
-    Both lay out AdamW's parameter groups the same way (the encoder's and the predictor's decayed parameters, then
-    their not decayed ones; optim.param_groups)."""
-    return state.get("optimizer") if is_ours(state) else state.get("opt")
+def training_state_of(state: Mapping, source: str | Path, ipe: int) -> TrainingState:
+    """The training state a run continues from a checkpoint in memory, as the official trainers resume: ours as
+    saved; an official one at step `epoch` x `ipe` (its completed epochs; the official code advances its schedules
+    and masks that many iterations), with its networks and `opt` (`{}` when it has none; the same AdamW param
+    groups as ours, optim.param_groups) and no RNG or health state."""
+    if is_ours(state):
+        return TrainingState.from_dict(state, source)
+    return TrainingState(int(state.get("epoch") or 0) * ipe, {}, networks_of(state, source), state.get("opt") or {},
+                         rng={}, health={}, skipped_steps=0)
 
 
 def export_official(state: TrainingState, path: str | Path) -> Path:
-    """Write one of our checkpoints in the official layout: `module.backbone.` keys, `opt` (the param groups are
-    in the official order), `epoch` (completed epochs), `batch_size`, `world_size`, `lr`, `scaler`."""
+    """Write one of our checkpoints in the official layout: `module.backbone.` keys, `opt` (the param groups in the
+    official order, with the official AdamW's settings: not fused), `epoch` (completed epochs), `batch_size`,
+    `world_size`, `lr`, `scaler`."""
     cfg = state.config
     opt_cfg, data_cfg = cfg.get("optimization", {}), cfg.get("data", {})
     out = {k: {f"module.backbone.{n}": t for n, t in state.networks[k].items()} for k in NETWORKS}
-    out.update(opt=state.optimizer, scaler=None, epoch=state.step // max(1, opt_cfg.get("ipe", 1)),
+    opt = state.optimizer and {**state.optimizer, "param_groups": [{**g, **OFFICIAL_IMPLEMENTATION}
+                                                                   for g in state.optimizer["param_groups"]]}
+    out.update(opt=opt, scaler=None, epoch=state.step // max(1, opt_cfg.get("ipe", 1)),
                batch_size=data_cfg.get("batch_size"),
                world_size=(cfg.get("nodes") or 1) * (cfg.get("tasks_per_node") or 1), lr=opt_cfg.get("lr"))
     return save_checkpoint(out, path)
@@ -387,7 +395,7 @@ def load_encoder(path: str | Path, key: str = "target_encoder", *, num_frames: i
     inferred from the weights, see models.build.encoder_from_weights; `num_frames` defaults to 16). An official
     file is a RoPE one when its encoder has no pos_embed, or when it is a released V-JEPA 2 model file: those carry
     an unused sin-cos table, and their predictor ten mask tokens. How a file with a table is read is logged;
-    `use_rope` overrides.
+    `use_rope` overrides. A RoPE encoder takes clips of any size (`num_frames` / `img_size`: its nominal ones).
     """
     return encoder_from_checkpoint(load_checkpoint(path), path, key, num_frames=num_frames, num_heads=num_heads,
                                    use_rope=use_rope, img_size=img_size)

@@ -43,9 +43,13 @@ def _run_train(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="frozen evaluation of a checkpoint: attentive / linear probes on cached features")
-    p.add_argument("--checkpoint", required=True, help="one of our checkpoints or an official V-JEPA one")
-    src = p.add_mutually_exclusive_group(required=True)
+    p = sub.add_parser("eval", help="frozen evaluation of a checkpoint: the official attentive-probe protocol "
+                                    "(or our linear probe)")
+    p.add_argument("--checkpoint", help="one of our checkpoints or an official V-JEPA one (with --config: "
+                   "overrides the config's)")
+    p.add_argument("--config", metavar="FILE.yaml", help="an official V-JEPA 1 or 2 eval config, unchanged: its "
+                   "protocol, data and checkpoint (--train/--val/--image-folder/--checkpoint override them)")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--train", help="training dataset file (official `path label` lines); needs --val")
     src.add_argument("--image-folder", metavar="DIR", help="images in DIR/train/<class>/ and DIR/val/<class>/")
     src.add_argument("--benchmark", choices=["synthetic"], help="the motion benchmark on the embedded synthetic data: "
@@ -62,12 +66,19 @@ def _add_eval(sub) -> None:
     p.add_argument("--sampling-rate", type=int, help="frame step of eval clips (default: the checkpoint's, else 4)")
     p.add_argument("--num-segments", type=int, default=1, help="clips per video, tokens concatenated (K400: 8)")
     p.add_argument("--num-views", type=int, default=1, help="spatial views per clip, softmax averaged (paper: 3)")
-    p.add_argument("--image-frames", type=int, default=2, help="frames each image is repeated into (2 or 16)")
+    p.add_argument("--image-frames", type=int, help="frames each image is repeated into (default: the encoder's, "
+                   "16, as the official image eval)")
     p.add_argument("--epochs", type=int, help="probe epochs (default 20, Table 6)")
     p.add_argument("--lr", type=float, help="peak lr, cosine to 0 without warmup (default 1e-3, Table 6; "
-                   "benchmark 1e-2)")
-    p.add_argument("--weight-decay", type=float, help="(default 0.01, Table 6)")
-    p.add_argument("--batch-size", type=int, help="probe batch (default 256, Table 6; benchmark 32)")
+                   "benchmark 1e-2; refused with a config's multihead_kwargs sweep)")
+    p.add_argument("--weight-decay", type=float, help="start of the cosine to 1e-6 (default 0.01; images 0.001; "
+                   "refused with a config's sweep)")
+    p.add_argument("--batch-size", type=int, help="probe batch (default 256; images 1024; benchmark 32)")
+    p.add_argument("--micro-batch", type=int, help="items per encoder and probe forward, gradients accumulated "
+                   "over a batch (the official per-GPU batch; default: the config's, else 4; images 16; "
+                   "benchmark 32); does not change the result")
+    p.add_argument("--cached-train", action="store_true", help="train the probes on cached features of the "
+                   "un-augmented train views (ours: faster, not the official protocol, which augments every epoch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", help="per-epoch CSVs (default: runs/eval/<checkpoint's run name>)")
     p.add_argument("--cache-dir", help="feature cache (default: <user cache>/vjepa_fast/features)")
@@ -79,52 +90,87 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> int:
     from dataclasses import replace
 
-    from .eval.protocols import ProbeSettings
+    from .eval.official_config import read_eval_config
+    from .eval.protocols import IMAGE_PROTOCOL, ProbeSettings
     from .eval.run import dataset_file_split, image_folder_splits, load_frozen, probe_encoder, results_table
     from .eval.synthetic_benchmark import SYNTHETIC_PROBE, run_synthetic_benchmark
     from .eval.views import ViewSpec
     from .step import pick_device
 
-    if args.train and not args.val:
+    job = read_eval_config(args.config) if args.config else None
+    if job and args.benchmark:
+        raise UserError("--config and --benchmark exclude each other")
+    if not job and not (args.train or args.image_folder or args.benchmark):
+        raise UserError("give --config, --train (with --val), --image-folder or --benchmark")
+    if args.train and not (args.val or job):
         raise UserError("--train needs --val")
+    checkpoint = args.checkpoint or (job.checkpoint if job else None)
+    if not checkpoint:
+        raise UserError("--checkpoint is required")
     device, progress = pick_device(args.device), not args.no_progress
-    given = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "batch_size": args.batch_size}
-    settings = replace(SYNTHETIC_PROBE if args.benchmark else ProbeSettings(), seed=args.seed,
-                       **{k: v for k, v in given.items() if v is not None})
-    frozen = load_frozen(args.checkpoint, args.key, num_frames=args.num_frames, num_heads=args.num_heads,
-                         use_rope=args.use_rope, img_size=args.img_size)
+    base = (job.settings if job else SYNTHETIC_PROBE if args.benchmark else IMAGE_PROTOCOL if args.image_folder
+            else ProbeSettings())
+    head = {"lr": args.lr, "weight_decay": args.weight_decay}
+    for key, value in head.items():
+        if value is not None and base.sweep:
+            raise UserError(f"--{key.replace('_', '-')} does not apply to {args.config}: its multihead_kwargs set "
+                            f"each of its {len(base.sweep)} probes' {key}")
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "micro_batch": args.micro_batch,
+             "head": replace(base.head, **{k: v for k, v in head.items() if v is not None})}
+    settings = replace(base, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
+    rope_size = job.resolution if job and job.use_rope else None  # a RoPE encoder takes the config's resolution
+    key = job.checkpoint_key if job else args.key
+    frozen = load_frozen(checkpoint, key,
+                         num_frames=job.encoder_frames if job else args.num_frames, num_heads=args.num_heads,
+                         use_rope=job.use_rope if job else args.use_rope, img_size=rope_size or args.img_size)
     out_dir = args.out_dir or f"runs/eval/{frozen.name}{'-synthetic' if args.benchmark else ''}"
     if args.benchmark:
         report = run_synthetic_benchmark(frozen, out_dir=out_dir, cache_dir=args.cache_dir, device=device,
                                          settings=settings, num_workers=args.workers, progress=progress)
         print(report.table())
+        print(f"per-epoch CSVs: {out_dir}")
+        return 0
+    image_folder = args.image_folder or (job.image_folder if job and not args.train else None)
+    if image_folder:
+        train, val, num_classes = image_folder_splits(image_folder)
+        frames = job.frames_per_clip if job else args.image_frames or frozen.encoder.num_frames
+        spec = ViewSpec(frames, 1, job.resolution if job else frozen.encoder.img_size, 1, args.num_views)
     else:
-        if args.image_folder:
-            train, val, num_classes = image_folder_splits(args.image_folder)
-            frames, segments = args.image_frames, 1
+        train = dataset_file_split(args.train or job.train)
+        val = dataset_file_split(args.val or job.val)
+        num_classes = max(train.labels + val.labels) + 1
+        if job:
+            spec = ViewSpec(job.frames_per_clip, job.frame_step, job.resolution, job.num_segments, job.num_views)
         else:
-            train, val = dataset_file_split(args.train), dataset_file_split(args.val)
-            num_classes = max(train.labels + val.labels) + 1
-            frames, segments = frozen.encoder.num_frames, args.num_segments
-        spec = ViewSpec(frames, args.sampling_rate or frozen.sampling_rate, frozen.encoder.img_size, segments,
-                        args.num_views)
-        probes = ["attentive", "linear"] if args.probe == "both" else [args.probe]
-        results = probe_encoder(frozen.encoder, train, val, spec, num_classes=num_classes, probes=probes,
-                                settings=settings, out_dir=out_dir, cache_dir=args.cache_dir, device=device,
-                                num_workers=args.workers, progress=progress)
-        print(f"{args.checkpoint} ({args.key}): {len(train.paths)} train / {len(val.paths)} val items, "
-              f"{num_classes} classes\n{results_table(results)}")
+            spec = ViewSpec(frozen.encoder.num_frames, args.sampling_rate or frozen.sampling_rate,
+                            frozen.encoder.img_size, args.num_segments, args.num_views)
+    num_classes = job.num_classes if job else num_classes
+    probes = ["attentive", "linear"] if args.probe == "both" else [args.probe]
+    results = probe_encoder(frozen.encoder, train, val, spec, num_classes=num_classes, probes=probes,
+                            settings=settings, out_dir=out_dir, cache_dir=args.cache_dir, device=device,
+                            num_workers=args.workers, progress=progress, cached_train=args.cached_train)
+    protocol = f"V-JEPA {job.version} protocol of {args.config}" if job else "V-JEPA 1 protocol"
+    print(f"{checkpoint} ({key}): {len(train.paths)} train / "
+          f"{len(val.paths)} val items, {num_classes} classes, {protocol}"
+          f"{f', best of {len(settings.heads())} probes' if len(settings.heads()) > 1 else ''}\n"
+          f"{results_table(results)}")
     print(f"per-epoch CSVs: {out_dir}")
     return 0
 
 
 def _add_data(sub) -> None:
+    from .dali_pipelines.spec import ClipSpec  # no decoder import: the CLI stays light
+
+    max_bytes = ClipSpec.filter_long_videos
     p = sub.add_parser("data", help="dataset tools: check videos, transcode for fast decoding")
     tools = p.add_subparsers(dest="tool", required=True)
     check = tools.add_parser("check", help="probe every video of dataset files: usable or why not, codec, size, "
                                            "frames, fps, keyframe spacing; exit status 1 if any would be skipped")
     check.add_argument("datasets", nargs="+", metavar="FILE.csv", help="dataset files (official `path label`)")
-    check.add_argument("--min-frames", type=int, default=16, help="fewer decodable frames is too short (16)")
+    check.add_argument("--min-frames", type=int, help="fewer frames is too short, as data.min_frames (default: none; "
+                                                      "training pads short videos with their last frame)")
+    check.add_argument("--max-bytes", type=int, default=max_bytes,
+                       help=f"a larger video file is too large, as data.filter_long_videos ({max_bytes})")
     check.add_argument("--workers", type=int, help="parallel processes (default: all cores)")
     check.add_argument("--csv", help="also write the per-video results to this CSV file")
     transcode = tools.add_parser("transcode", help="re-encode a dataset's videos to a short side and a short "
@@ -142,7 +188,7 @@ def _run_data(args) -> int:
     from . import data_tools
 
     if args.tool == "check":
-        checks = data_tools.check_dataset(args.datasets, args.min_frames, args.workers)
+        checks = data_tools.check_dataset(args.datasets, args.min_frames, args.workers, args.max_bytes)
         print(data_tools.format_checks(checks))
         if args.csv:
             data_tools.write_checks_csv(checks, args.csv)

@@ -4,9 +4,10 @@ A user's existing official YAML loads as it is: the sections and key names are t
 (`data`, `data_aug`, `mask`, `meta`, `model`, `optimization`, `loss`, `logging`); keys this project adds
 have defaults. Every official key is honoured (some under this project's name: OFFICIAL_ALIASES), or refused when
 it asks for something not supported, or, for the keys only the official cluster launcher reads, reported once as
-not used here (NOT_USED_HERE); keys nobody knows produce one warning naming them. A V-JEPA 2 config (one with
-`data.dataset_fpcs`) gets the V-JEPA 2 code's defaults where they differ (no gradient clipping). Every invalid value
-fails at load with a message naming the key and the value.
+not used here (NOT_USED_HERE); keys nobody knows produce one warning naming them. A key the file leaves out takes
+the default of the official trainer the file is for (OFFICIAL_DEFAULTS: V-JEPA 2's for a file with
+`data.dataset_fpcs`, which only V-JEPA 2 reads, else V-JEPA 1's). Every invalid value fails at load with a message
+naming the key and the value.
 """
 from __future__ import annotations
 
@@ -44,6 +45,56 @@ NOT_USED_HERE = {"nodes": "the launcher's (torchrun / srun set the processes)",
                  "meta.eval_freq": "the official training loop does not read it either",
                  "meta.sync_gc": "garbage collection timing", "data.pin_mem": "clips are pinned whenever CUDA is there",
                  "data.persistent_workers": "the loader's workers always persist", "logging.write_tag": "file names"}
+APPS = ("vjepa", "vjepa2")  # the official trainers: V-JEPA 1's and V-JEPA 2's app/vjepa/train.py
+NO_DEFAULT = "no default"  # OFFICIAL_DEFAULTS: that trainer gives the key no default (the dataclass default stands)
+# What each official trainer takes for a key the file leaves out (under this project's key names, OFFICIAL_ALIASES):
+# its `.get(key, default)`, or for the data loader's keys it does not pass on, init_data's argument default.
+# The dataclass defaults below are the V-JEPA 1 column; tests/test_official_defaults.py reads both from the official
+# files. (The NOT_USED_HERE keys change nothing here and keep this project's defaults.)
+OFFICIAL_DEFAULTS: dict[str, tuple[Any, Any]] = {  # key: (V-JEPA 1, V-JEPA 2)
+    "data.dataset_type": ("videodataset", "videodataset"),
+    "data.datasets": ([], []),
+    "data.datasets_weights": (None, NO_DEFAULT),
+    "data.crop_size": (224, 224),
+    "data.num_workers": (1, 1),
+    "data.filter_short_videos": (False, False),
+    "data.filter_long_videos": (10**9, 10**9),
+    "data.clip_duration": (None, None),
+    "data.decode_one_clip": (True, NO_DEFAULT),
+    "data_aug.random_resize_aspect_ratio": ((3 / 4, 4 / 3), (3 / 4, 4 / 3)),
+    "data_aug.random_resize_scale": ((0.3, 1.0), (0.3, 1.0)),
+    "data_aug.motion_shift": (False, False),
+    "data_aug.reprob": (0.0, 0.0),
+    "data_aug.auto_augment": (False, False),
+    "meta.read_checkpoint": (None, None),
+    "meta.seed": (0, 0),
+    "meta.save_every_freq": (-1, -1),
+    "meta.skip_batches": (-1, -1),
+    "meta.use_sdpa": (False, False),
+    "model.compile": (NO_DEFAULT, False),
+    "model.activation_checkpointing": (NO_DEFAULT, False),
+    "model.pred_num_heads": (NO_DEFAULT, None),
+    "model.uniform_power": (True, False),
+    "model.use_mask_tokens": (True, False),
+    "model.zero_init_mask_tokens": (True, True),
+    "model.use_rope": (NO_DEFAULT, False),
+    "model.use_silu": (NO_DEFAULT, False),
+    "model.use_pred_silu": (NO_DEFAULT, False),
+    "model.wide_silu": (NO_DEFAULT, True),
+    "optimization.ipe": (None, None),  # None: one pass over the data (the loader's length)
+    "optimization.ipe_scale": (1.0, 1.0),
+    "optimization.clip_grad": (None, NO_DEFAULT),  # V-JEPA 2 never clips
+    "optimization.betas": ((0.9, 0.999), (0.9, 0.999)),
+    "optimization.eps": (1e-8, 1e-8),
+    "optimization.is_anneal": (NO_DEFAULT, False),
+    "optimization.anneal_ckpt": (NO_DEFAULT, None),
+    "optimization.resume_anneal": (NO_DEFAULT, False),
+}
+
+
+def _v1(key: str):
+    """The V-JEPA 1 trainer's default for `key`: the dataclass default."""
+    return OFFICIAL_DEFAULTS[key][0]
 
 
 class ConfigError(UserError):
@@ -52,10 +103,10 @@ class ConfigError(UserError):
 
 @dataclass
 class DataConfig:
-    dataset_type: str = "VideoDataset"
+    dataset_type: str = _v1("data.dataset_type")
     datasets: list[str] = field(default_factory=list)  # empty: the embedded synthetic dataset
-    datasets_weights: Optional[list[float]] = None
-    decode_one_clip: bool = True
+    datasets_weights: Optional[list[float]] = _v1("data.datasets_weights")
+    decode_one_clip: bool = _v1("data.decode_one_clip")
     batch_size: int = 24
     num_clips: int = 1
     num_frames: int = 16  # V-JEPA 2 configs: max(dataset_fpcs)
@@ -63,24 +114,25 @@ class DataConfig:
     tubelet_size: int = 2
     sampling_rate: Optional[int] = 4  # frames between two sampled frames (null with data.fps)
     fps: Optional[float] = None  # V-JEPA 2: frames sampled at this rate in time instead (step = ceil(video fps) // fps)
-    crop_size: int = 224
+    clip_duration: Optional[float] = _v1("data.clip_duration")  # V-JEPA 1: seconds a clip spans, instead of the step
+    crop_size: int = _v1("data.crop_size")
     patch_size: int = 16
     pin_mem: bool = True
     persistent_workers: bool = True
-    num_workers: int = 12
-    filter_short_videos: bool = False
-    clip_duration: Optional[float] = None
+    num_workers: int = _v1("data.num_workers")
+    filter_short_videos: bool = _v1("data.filter_short_videos")  # skip videos shorter than a clip's span
+    filter_long_videos: int = _v1("data.filter_long_videos")  # skip video files of more bytes
     loader: str = "auto"
-    min_frames: Optional[int] = None  # None: the clip's frame count
+    min_frames: Optional[int] = None  # skip videos with fewer frames (None: none skipped for their length)
 
 
 @dataclass
 class DataAugConfig:
-    auto_augment: bool = False
-    motion_shift: bool = False
-    random_resize_aspect_ratio: tuple[float, float] = (0.75, 1.35)
-    random_resize_scale: tuple[float, float] = (0.3, 1.0)
-    reprob: float = 0.0
+    auto_augment: bool = _v1("data_aug.auto_augment")
+    motion_shift: bool = _v1("data_aug.motion_shift")
+    random_resize_aspect_ratio: tuple[float, float] = _v1("data_aug.random_resize_aspect_ratio")
+    random_resize_scale: tuple[float, float] = _v1("data_aug.random_resize_scale")
+    reprob: float = _v1("data_aug.reprob")
     horizontal_flip: bool = True
 
 
@@ -107,16 +159,16 @@ def official_masks() -> list[MaskConfig]:
 @dataclass
 class MetaConfig:
     load_checkpoint: bool = False
-    read_checkpoint: Optional[str] = None
-    seed: int = 234
+    read_checkpoint: Optional[str] = _v1("meta.read_checkpoint")
+    seed: int = _v1("meta.seed")
     eval_freq: int = 100
-    use_sdpa: bool = True
+    use_sdpa: bool = _v1("meta.use_sdpa")  # false: plain attention math (model.attn_backend eager), as official
     dtype: str = "bfloat16"
     computation: str = "fast"  # the loss: "fast" (packed masks, fused kernels) or "reference" (the official one)
     data_parallel: str = "ddp"  # under torchrun: "ddp" (replicated networks) or "fsdp" (FSDP2, sharded per block)
     dist_timeout_minutes: float = 30.0  # a rank waiting longer than this for another one fails, naming it
-    save_every_freq: int = -1  # V-JEPA 2: epochs between checkpoints kept for good (sets logging.keep_every)
-    skip_batches: int = -1
+    save_every_freq: int = _v1("meta.save_every_freq")  # epochs between checkpoints kept for good (logging.keep_every)
+    skip_batches: int = _v1("meta.skip_batches")
     sync_gc: bool = False
 
 
@@ -125,9 +177,9 @@ class ModelConfig:
     model_name: str = "vit_large"
     pred_depth: int = 12
     pred_embed_dim: int = 384
-    uniform_power: bool = True
-    use_mask_tokens: bool = True
-    zero_init_mask_tokens: bool = True
+    uniform_power: bool = _v1("model.uniform_power")
+    use_mask_tokens: bool = _v1("model.use_mask_tokens")
+    zero_init_mask_tokens: bool = _v1("model.zero_init_mask_tokens")
     # Custom sizes beside the named ones (None: take the value of model_name).
     embed_dim: Optional[int] = None
     depth: Optional[int] = None
@@ -147,9 +199,9 @@ class ModelConfig:
 
 @dataclass
 class OptimizationConfig:
-    ipe: int = 300
-    ipe_scale: float = 1.25
-    clip_grad: Optional[float] = 10.0
+    ipe: Optional[int] = _v1("optimization.ipe")  # steps per epoch; None: one pass over the data (resolve_ipe)
+    ipe_scale: float = _v1("optimization.ipe_scale")
+    clip_grad: Optional[float] = _v1("optimization.clip_grad")
     weight_decay: float = 0.04
     final_weight_decay: float = 0.4
     epochs: int = 300
@@ -158,8 +210,8 @@ class OptimizationConfig:
     lr: float = 6.25e-4
     final_lr: float = 1e-6
     ema: tuple[float, float] = (0.998, 1.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] = _v1("optimization.betas")
+    eps: float = _v1("optimization.eps")
     max_consecutive_nonfinite: int = 10  # skipped non-finite steps in a row before the run stops
     accumulation_steps: int = 1  # micro-batches of data.batch_size per step and rank (gradients summed)
     # V-JEPA 2 cooldown: start from anneal_ckpt (networks and optimizer) with the lr decaying linearly to final_lr
@@ -214,7 +266,9 @@ class Config:
 
     @property
     def total_steps(self) -> int:
-        """Steps actually trained: epochs x iterations per epoch."""
+        """Steps actually trained: epochs x iterations per epoch (once resolve_ipe gave optimization.ipe)."""
+        if self.optimization.ipe is None:
+            raise ValueError("optimization.ipe is null (one pass over the data): resolve_ipe(cfg, steps) first")
         return self.optimization.epochs * self.optimization.ipe
 
     def to_dict(self) -> dict:
@@ -322,8 +376,8 @@ def validate(cfg: Config) -> Config:
         _check(getattr(d, key) > 0, f"data.{key}", getattr(d, key), "must be positive")
     _check(d.sampling_rate is None or d.sampling_rate > 0, "data.sampling_rate", d.sampling_rate,
            "must be positive, or null with data.fps")
-    _check(d.sampling_rate is not None or d.fps is not None, "data.sampling_rate", d.sampling_rate,
-           "null needs data.fps (the frames are sampled by one or the other)")
+    _check(d.sampling_rate is not None or d.fps is not None or d.clip_duration is not None, "data.sampling_rate",
+           d.sampling_rate, "null needs data.fps or data.clip_duration (the frames are sampled by one of them)")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.crop_size % d.patch_size == 0, "data.crop_size", d.crop_size,
            f"must be divisible by data.patch_size={d.patch_size}")
@@ -348,13 +402,11 @@ def validate(cfg: Config) -> Config:
         _check(len(set(d.dataset_fpcs)) == 1 or cfg.model.use_rope, "data.dataset_fpcs", d.dataset_fpcs,
                "clips of several lengths need model.use_rope=true (a sin-cos table has one length)")
     _check(d.fps is None or d.fps > 0, "data.fps", d.fps, "must be > 0 or null")
-    _check(d.dataset_type == "VideoDataset", "data.dataset_type", d.dataset_type, "only VideoDataset is supported")
+    _check(d.clip_duration is None or d.clip_duration > 0, "data.clip_duration", d.clip_duration, "must be > 0 or null")
+    _check(d.filter_long_videos >= 1, "data.filter_long_videos", d.filter_long_videos, "must be >= 1 (bytes)")
+    _check(d.dataset_type.lower() == "videodataset", "data.dataset_type", d.dataset_type,
+           "only VideoDataset is supported")
     _check(d.decode_one_clip, "data.decode_one_clip", d.decode_one_clip, "only true is supported (one clip per video)")
-    _check(d.clip_duration is None, "data.clip_duration", d.clip_duration,
-           "not supported: clips are sampled by data.sampling_rate or data.fps")
-    _check(not d.filter_short_videos, "data.filter_short_videos", d.filter_short_videos,
-           "not supported: a video shorter than a clip's span is sampled with its last frame repeated, and one with "
-           "fewer than data.min_frames frames is skipped; set data.min_frames to skip short videos")
 
     a = cfg.data_aug
     _check_range("data_aug.random_resize_scale", a.random_resize_scale, 0.0, 1.0)
@@ -393,7 +445,8 @@ def validate(cfg: Config) -> Config:
     _check(m.attn_backend in ATTENTION_BACKENDS, "model.attn_backend", m.attn_backend,
            f"choose one of {', '.join(ATTENTION_BACKENDS)}")
     _check(m.use_mask_tokens, "model.use_mask_tokens", m.use_mask_tokens,
-           "only the mask-token predictor (the paper's) is supported")
+           "only the mask-token predictor (the paper's) is supported: set it true (a V-JEPA 2 file that leaves it "
+           "out gets that trainer's default, false)")
     _check(m.use_rope or m.model_name not in ROPE_ALIASES, "model.use_rope", m.use_rope,
            f"model.model_name={m.model_name} is a RoPE model: use_rope must be true (or unset)")
     for key in ("use_silu", "use_pred_silu"):
@@ -414,8 +467,8 @@ def validate(cfg: Config) -> Config:
         _check(m.pred_embed_dim // pred_heads >= 6, "model.pred_num_heads", pred_heads,
                f"leaves {m.pred_embed_dim // pred_heads} dims per predictor head; 3D RoPE needs >= 6")
 
-    for key in ("ipe", "epochs"):
-        _check(getattr(o, key) >= 1, f"optimization.{key}", getattr(o, key), "must be >= 1")
+    _check(o.ipe is None or o.ipe >= 1, "optimization.ipe", o.ipe, "must be >= 1, or null (one pass over the data)")
+    _check(o.epochs >= 1, "optimization.epochs", o.epochs, "must be >= 1")
     _check(o.ipe_scale >= 1.0, "optimization.ipe_scale", o.ipe_scale, "must be >= 1")
     _check(o.warmup >= 0 and math.isfinite(o.warmup), "optimization.warmup", o.warmup,
            "must be a finite number >= 0 (epochs; a warmup longer than the run ends the run inside it)")
@@ -497,9 +550,20 @@ def _pop(tree: dict, key: str):
     return node.pop(last) if isinstance(node, dict) and last in node else _MISSING
 
 
+def official_app(tree: dict) -> str:
+    """Which official trainer (APPS) a raw config is for: V-JEPA 2's when it has data.dataset_fpcs (which V-JEPA 2's
+    trainer needs and V-JEPA 1's does not read), else V-JEPA 1's."""
+    return "vjepa" if _get(tree, "data.dataset_fpcs", None) is None else "vjepa2"
+
+
+def _keep_every(save_every_freq, ipe) -> int:
+    """logging.keep_every (steps) for meta.save_every_freq (epochs) at `ipe` steps per epoch."""
+    return save_every_freq * ipe
+
+
 def _translate_official(tree: dict) -> dict:
-    """The official conventions on the raw mapping: OFFICIAL_ALIASES moved to this project's keys, the V-JEPA 2
-    code's defaults for a V-JEPA 2 config, and the official keys that set others."""
+    """The official conventions on the raw mapping: OFFICIAL_ALIASES moved to this project's keys, the official
+    trainer's defaults for the keys left out (OFFICIAL_DEFAULTS), and the official keys that set others."""
     tree = copy.deepcopy(tree)
     for official, ours in OFFICIAL_ALIASES.items():
         value = _pop(tree, official)
@@ -510,10 +574,17 @@ def _translate_official(tree: dict) -> dict:
             raise ConfigError(f"{official}={value!r} and {ours}={given!r} disagree (the first is the official name "
                               f"of the second)")
         _set(tree, ours, value)
-    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
-    if data.get("dataset_fpcs") is not None:  # a V-JEPA 2 config: that code's defaults where they differ
-        if _get(tree, "optimization.clip_grad") is _MISSING:
-            _set(tree, "optimization.clip_grad", None)  # V-JEPA 2 does not clip gradients
+    app = APPS.index(official_app(tree))
+    if _get(tree, "meta.use_sdpa") is _MISSING and _get(tree, "model.attn_backend") is _MISSING:
+        warnings.warn("meta.use_sdpa is absent: the official default (false) runs attention as plain math (eager), "
+                      "far slower than meta.use_sdpa: true, which the official configs set", stacklevel=3)
+    if _get(tree, "model.model_name", None) in ROPE_ALIASES and _get(tree, "model.use_rope") is _MISSING:
+        _set(tree, "model.use_rope", True)  # the constructor turns it on
+    for key, defaults in OFFICIAL_DEFAULTS.items():
+        if defaults[app] is not NO_DEFAULT and _get(tree, key) is _MISSING:
+            _set(tree, key, copy.deepcopy(defaults[app]))
+    data = tree["data"]
+    if data.get("dataset_fpcs") is not None:
         fpcs = data["dataset_fpcs"]
         if "num_frames" not in data and isinstance(fpcs, list) and fpcs and all(isinstance(f, int) for f in fpcs):
             data["num_frames"] = max(fpcs)
@@ -522,17 +593,25 @@ def _translate_official(tree: dict) -> dict:
                           f"rate in time, or a frame step; sampling_rate: null)")
     if data.get("fps") is not None:
         data["sampling_rate"] = None  # V-JEPA 2's configs have no frame step
-    if _get(tree, "meta.use_sdpa", True) is False:  # the plain attention math
-        backend = _get(tree, "model.attn_backend", "eager")
-        if backend != "eager":
-            raise ConfigError(f"meta.use_sdpa=false and model.attn_backend={backend!r} disagree")
-        _set(tree, "model.attn_backend", "eager")
-    if _get(tree, "model.model_name", None) in ROPE_ALIASES and _get(tree, "model.use_rope") is _MISSING:
-        _set(tree, "model.use_rope", True)  # the constructor turns it on
-    every = _get(tree, "meta.save_every_freq", -1)
-    if isinstance(every, int) and every > 0 and _get(tree, "logging.keep_every") is _MISSING:
-        _set(tree, "logging.keep_every", every * _get(tree, "optimization.ipe", OptimizationConfig.ipe))
+    if data.get("clip_duration") is not None and data.get("fps") is not None:
+        raise ConfigError(f"data.fps={data['fps']!r} and data.clip_duration={data['clip_duration']!r}: give one")
+    if _get(tree, "meta.use_sdpa") is False and _get(tree, "model.attn_backend") is _MISSING:
+        _set(tree, "model.attn_backend", "eager")  # the plain attention math, unless a backend is chosen
+    every, ipe = _get(tree, "meta.save_every_freq"), _get(tree, "optimization.ipe")
+    if isinstance(every, int) and every > 0 and isinstance(ipe, int) and _get(tree, "logging.keep_every") is _MISSING:
+        _set(tree, "logging.keep_every", _keep_every(every, ipe))  # with ipe null: resolve_ipe sets it
     return tree
+
+
+def resolve_ipe(cfg: Config, steps_per_pass: int) -> Config:
+    """A copy of `cfg`, whose optimization.ipe is null, with ipe `steps_per_pass` (the steps of one pass over the data,
+    as the official trainers take the loader's length) and the logging.keep_every meta.save_every_freq asks for."""
+    assert cfg.optimization.ipe is None, "optimization.ipe is already set"
+    cfg = copy.deepcopy(cfg)
+    cfg.optimization.ipe = steps_per_pass
+    if cfg.meta.save_every_freq > 0 and cfg.logging.keep_every == 0:
+        cfg.logging.keep_every = _keep_every(cfg.meta.save_every_freq, steps_per_pass)
+    return validate(cfg)
 
 
 def _not_used_here(cfg: Config) -> list[str]:

@@ -21,13 +21,16 @@ from tqdm import tqdm
 
 from .dali_pipelines import read_dataset_files
 from .dali_pipelines.bad_input import VideoError
+from .dali_pipelines.clip_plan import check_size, is_image
 from .dali_pipelines.dali_loader import DALI_CODECS
 from .dali_pipelines.pyav_decode import probe_video, read_frames
+from .dali_pipelines.spec import ClipSpec
 from .errors import UserError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg")
 # Keyframes further apart than a 16x4-frame clip span make every clip decode frames it does not use.
 SLOW_SEEK_GAP = 64
+DEFAULT_MAX_BYTES = ClipSpec.filter_long_videos  # the official loader's file-size limit (data.filter_long_videos)
 
 # encoder -> (container format, file extension, default constant-quality value (None: the encoder has none))
 ENCODERS = {
@@ -69,16 +72,20 @@ class VideoCheck:
         return "+".join(device for device in ("cpu", "gpu") if self.codec in DALI_CODECS[device]) or "-"
 
 
-def check_video(entry: tuple[str, int], min_frames: int = 16) -> VideoCheck:
-    """Probe a (path, label) entry and decode its first and last frames, as a loader would before using it."""
+def check_video(entry: tuple[str, int], min_frames: int | None = None,
+                max_bytes: int = DEFAULT_MAX_BYTES) -> VideoCheck:
+    """Probe a (path, label) entry and decode its first and last frames, as a loader would before using it: a video
+    of more than `max_bytes` is too large (data.filter_long_videos), one of fewer than `min_frames` too short."""
     path, label = entry
     try:
+        if not is_image(path):
+            check_size(path, max_bytes)
         info = probe_video(path)
     except VideoError as error:
         return VideoCheck(path, label, error.reason, error.detail)
     found = VideoCheck(path, label, None, "", info.codec, info.width, info.height, info.num_frames, info.fps,
                        info.num_frames / max(info.num_keyframes, 1), info.max_keyframe_gap)
-    if info.num_frames < min_frames:
+    if min_frames is not None and info.num_frames < min_frames:
         return dataclasses.replace(found, reason="too_short",
                                    detail=f"{info.num_frames} frames, at least {min_frames} needed")
     try:
@@ -88,20 +95,22 @@ def check_video(entry: tuple[str, int], min_frames: int = 16) -> VideoCheck:
     return found
 
 
-def check_dataset(dataset_files: list[str], min_frames: int = 16, workers: int | None = None) -> list[VideoCheck]:
+def check_dataset(dataset_files: list[str], min_frames: int | None = None, workers: int | None = None,
+                  max_bytes: int = DEFAULT_MAX_BYTES) -> list[VideoCheck]:
     """check_video for every entry of the dataset files (a malformed dataset line raises ValueError naming it)."""
     dataset = read_dataset_files(dataset_files)
     entries = list(zip(dataset.paths, dataset.labels.tolist()))
-    return _parallel_map(_CheckJob(min_frames), entries, workers, "checking")
+    return _parallel_map(_CheckJob(min_frames, max_bytes), entries, workers, "checking")
 
 
 @dataclass(frozen=True)
 class _CheckJob:
-    """check_video with a fixed min_frames, picklable for the process pool."""
-    min_frames: int
+    """check_video with fixed limits, picklable for the process pool."""
+    min_frames: int | None
+    max_bytes: int
 
     def __call__(self, entry: tuple[str, int]) -> VideoCheck:
-        return check_video(entry, self.min_frames)
+        return check_video(entry, self.min_frames, self.max_bytes)
 
 
 def format_checks(checks: list[VideoCheck]) -> str:

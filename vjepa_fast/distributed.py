@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
 from torch.nn.parallel import DistributedDataParallel
 
 FULL_ON_RANK0_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered; rank 0 keeps it on CPU
@@ -100,22 +102,64 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
-    """DDP over one network; gradients are averaged across ranks during the backward."""
+def wrap_ddp(module: torch.nn.Module, device: torch.device, *, sometimes_used: Sequence[str] = (),
+             never_used: Sequence[str] = ()) -> DistributedDataParallel:
+    """DDP over one network; gradients are averaged across ranks during the backward. Parameters that only some
+    steps or ranks use (`sometimes_used`, averaged by sync_sometimes_used after the backward) and that none uses
+    (`never_used`: they keep no gradient) stay out of DDP's buckets, so DDP needs no find_unused_parameters walk
+    of the autograd graph every step."""
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, [*sometimes_used, *never_used])
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    ddp = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    _mark_sometimes_used(ddp, module, sometimes_used)
+    return ddp
 
 
-def wrap_fsdp(module: nn.Module, block_type: type[nn.Module], block_methods: tuple[str, ...] = ()) -> nn.Module:
+def wrap_fsdp(module: nn.Module, block_type: type[nn.Module], block_methods: tuple[str, ...] = (), *,
+              forward_only: bool = False, sometimes_used: Sequence[str] = (), never_used: Sequence[str] = ()
+              ) -> nn.Module:
     """FSDP2 over one network, in place: every `block_type` submodule is its own shard unit (gathered just before
     it runs, freed after), then the root holds the remaining parameters. `block_methods` name block entry points
-    besides forward() (the fast path's forward_packed) that must gather the block's parameters as well."""
+    besides forward() (the fast path's forward_packed) that must gather the block's parameters as well.
+    The root keeps its gathered parameters from its forward to its backward, unless the network is
+    `forward_only` (the EMA target encoder): then it frees them after its forward, so the next forward gathers the
+    shards the EMA updated. `sometimes_used` / `never_used` parameters stay whole on every rank, outside FSDP (its
+    reduce-scatter covers only parameters with a gradient, so ranks that used different ones would not match), and
+    are averaged as under DDP (wrap_ddp)."""
     for block in [m for m in module.modules() if isinstance(m, block_type)]:
         fully_shard(block)
         for name in block_methods:
             register_fsdp_forward_method(block, name)
-    fully_shard(module)
+    named = dict(module.named_parameters())
+    fully_shard(module, reshard_after_forward=True if forward_only else None,
+                ignored_params={named[n] for n in [*sometimes_used, *never_used]})
+    _mark_sometimes_used(module, module, sometimes_used)
     return module
+
+
+def _mark_sometimes_used(wrapped: nn.Module, module: nn.Module, names: Sequence[str]) -> None:
+    """Tell sync_sometimes_used which parameters of `module` (wrapped as `wrapped`) it averages."""
+    named = dict(module.named_parameters())
+    wrapped.sometimes_used = [named[name] for name in names]
+
+
+@torch.no_grad()
+def sync_sometimes_used(*modules: nn.Module) -> None:
+    """Average across ranks the gradients of the DDP / FSDP networks' `sometimes_used` parameters as DDP's
+    find_unused_parameters does: the mean over ranks, a rank that did not use one adding zeros, and no gradient
+    at all (None: AdamW then leaves the parameter, its state and its weight decay alone) where no rank used it.
+    One all-reduce of those gradients with a use count per parameter, and a host read of the counts."""
+    params = [p for m in modules for p in getattr(m, "sometimes_used", ())]
+    if not params:
+        return
+    ref = params[0]
+    used = torch.tensor([float(p.grad is not None) for p in params], device=ref.device, dtype=ref.dtype)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params] + [used])
+    flat.div_(dist.get_world_size())  # as DDP: divided before the sum
+    dist.all_reduce(flat)
+    grads = flat[:-len(params)].split([p.numel() for p in params])
+    for p, grad, anyone in zip(params, grads, flat[-len(params):].tolist()):
+        p.grad = grad.view_as(p) if anyone > 0 else None
 
 
 @contextlib.contextmanager
@@ -168,11 +212,21 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load an optimizer.state_dict()-layout state (every rank holds all of it) into the optimizer of FSDP
-    networks: each rank keeps its shards."""
+    networks: each rank keeps its shards. As optimizer.load_state_dict: the groups' settings exactly as given
+    (torch's loader turns tuples into lists), and parameters without state there (never updated: V-JEPA 2's unused
+    mask tokens) keep none (torch's loader first gives every parameter one)."""
     names = _param_names(model, optimizer)
     by_name = {"state": {names[i]: s for i, s in state["state"].items()},
                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    with implicit_replication():  # the parameters FSDP leaves whole (wrap_fsdp) step as replicated DTensors
+        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True,
+                                                                                     strict=False))
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, param in enumerate(params):
+        if i not in state["state"]:
+            optimizer.state.pop(param, None)
 
 
 def mean_across_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -36,11 +36,13 @@ CAUSES = ("the learning rate is too high for the batch size (optimization.lr)",
 @torch.no_grad()
 def spreads(features: torch.Tensor) -> torch.Tensor:
     """[token spread, clip spread] of features [B, N, D] (see the module docstring) as a device tensor, so the
-    training step measures them without waiting for the device; B >= 2 and N >= 2."""
-    if features.dim() != 3 or features.size(0) < 2 or features.size(1) < 2:
-        raise ValueError(f"features must be [B>=2, N>=2, D], got {list(features.shape)}")
+    training step measures them without waiting for the device; N >= 2. The clip spread of a single clip (B = 1:
+    a clip-length group of one clip) is NaN."""
+    if features.dim() != 3 or features.size(0) < 1 or features.size(1) < 2:
+        raise ValueError(f"features must be [B>=1, N>=2, D], got {list(features.shape)}")
     h = F.layer_norm(features.float(), (features.size(-1),), eps=TARGET_LN_EPS)
-    return torch.stack([h.std(dim=1).mean(), h.mean(dim=1).std(dim=0).mean()])
+    clip = h.mean(dim=1).std(dim=0).mean() if features.size(0) > 1 else h.new_tensor(float("nan"))
+    return torch.stack([h.std(dim=1).mean(), clip])
 
 
 def feature_spread(features: torch.Tensor) -> tuple[float, float]:

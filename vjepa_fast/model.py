@@ -37,6 +37,7 @@ class VJEPA(nn.Module):
         super().__init__()
         self.loss_exp = cfg.loss.loss_exp
         self.token_per_group = cfg.data.dataset_fpcs is not None  # V-JEPA 2's mask-token indexing
+        self.clip_lengths = len(set(cfg.data.dataset_fpcs or [cfg.data.num_frames]))  # groups a batch may hold
         self.encoder = build_encoder(cfg)
         self.predictor = build_predictor(cfg)
         self.target_encoder = copy.deepcopy(self.encoder)
@@ -131,6 +132,16 @@ class VJEPA(nn.Module):
         """Which mask token each mask's targets get. V-JEPA: mask i, token i. V-JEPA 2: every mask of the g-th
         clip-length group of the batch, token g (the official indexing, shared by the mask configs)."""
         return [group] * num_masks if self.token_per_group else list(range(num_masks))
+
+    def mask_tokens_not_always_used(self) -> tuple[list[str], list[str]]:
+        """The predictor's mask tokens (parameter names) that only some steps use, and those that no step uses.
+        V-JEPA 2 keeps one token per mask config and dataset (the official layout) but a batch's g-th clip-length
+        group uses token g: token 0 always, tokens 1 .. L-1 (L distinct clip lengths) when a batch holds that many
+        groups, the rest never. V-JEPA: every token, every step."""
+        if not self.token_per_group:
+            return [], []
+        names = [f"mask_tokens.{i}" for i in range(len(self.unwrapped("predictor").mask_tokens))]
+        return names[1:self.clip_lengths], names[self.clip_lengths:]
 
     @torch.no_grad()
     def targets(self, clips, computation: str):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import OptimizationConfig
+from .errors import UserError
 
 
 def param_groups(*modules: nn.Module) -> list[dict]:
@@ -33,6 +34,33 @@ def build_optimizer(opt: OptimizationConfig, *modules: nn.Module, fused: bool = 
     """AdamW over `modules`; fused (CPU and CUDA), which also lets a training step skip itself on the device."""
     return torch.optim.AdamW(param_groups(*modules), lr=opt.start_lr, betas=opt.betas, eps=opt.eps,
                              weight_decay=opt.weight_decay, fused=fused or None)
+
+
+# How torch runs AdamW, not what it computes, as the official code leaves it (torch.optim.AdamW's defaults). Ours
+# (fused, which the training step needs to skip itself on the device) stay when a checkpoint's state is loaded.
+OFFICIAL_IMPLEMENTATION = {"foreach": None, "capturable": False, "differentiable": False, "fused": None}
+
+
+def adapt_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: str) -> dict:
+    """A checkpoint's optimizer state (ours, or an official `opt`: the same param groups in the same order) made
+    for loading into `optimizer`: its moments and step counts, and its groups' hyperparameters (betas, eps,
+    WD_exclude, ...) as the official loader takes them, but this optimizer's OFFICIAL_IMPLEMENTATION keys. Raises
+    UserError naming `source` when the groups or the moments' shapes do not fit this optimizer's parameters."""
+    groups = state["param_groups"]
+    sizes, ours = [len(g["params"]) for g in groups], [len(g["params"]) for g in optimizer.param_groups]
+    if sizes != ours:
+        raise UserError(f"{source}: its optimizer state has parameter groups of {sizes} parameters, this model's "
+                        f"optimizer {ours}: a checkpoint of another architecture")
+    params = {i: p for saved, group in zip(groups, optimizer.param_groups)
+              for i, p in zip(saved["params"], group["params"])}
+    for i, moments in state["state"].items():
+        bad = [k for k, v in moments.items() if k != "step" and v.shape != params[i].shape]
+        if bad:
+            raise UserError(f"{source}: optimizer state {i} ({bad[0]}) has shape {tuple(moments[bad[0]].shape)}, "
+                            f"its parameter {tuple(params[i].shape)}: a checkpoint of another architecture")
+    adapted = [{**saved, **{k: group[k] for k in OFFICIAL_IMPLEMENTATION if k in group}}
+               for saved, group in zip(groups, optimizer.param_groups)]
+    return {**state, "param_groups": adapted}
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,12 @@ from typing import Callable, ContextManager, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
 
 from . import kernels
 from .config import Config
-from .distributed import gradient_sync_off, local_tensor, local_value
+from .distributed import gradient_sync_off, local_tensor, local_value, sync_sometimes_used
 from .errors import UserError
 from .kernels import to_device
 from .masks import MaskGenerator
@@ -139,11 +141,18 @@ class EMA:
 
 
 def _grad_norm_and_clip(module: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+    """The gradients' total norm, clipping them to `max_norm` when set. FSDP: the sharded gradients' norm (over all
+    shards, replicated) and that of the parameters FSDP leaves whole (the same on every rank) together; the clip
+    of the sharded ones by that plain norm needs train_step's implicit_replication."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
+    parts = [part for part in ([g for g in grads if isinstance(g, DTensor)],
+                               [g for g in grads if not isinstance(g, DTensor)]) if part] or [[]]
+    norms = [local_value(torch.nn.utils.get_total_norm(part)) for part in parts]
+    norm = norms[0] if len(norms) == 1 else torch.nn.utils.get_total_norm(norms)
     if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
-    return local_value(norm)  # FSDP: the norm over all shards, replicated
+        for part in parts:
+            torch.nn.utils.clip_grads_with_norm_(part, max_norm, norm)
+    return norm
 
 
 @dataclass
@@ -177,7 +186,8 @@ def train_step(model: VJEPA, optimizer: torch.optim.Optimizer, ema: EMA, batches
             with stage("backward"):
                 (micro / len(batches)).backward()
         loss = loss + micro.detach() / len(batches)
-    with stage("optimizer"):
+    with stage("optimizer"), implicit_replication():  # FSDP: the parameters it leaves whole act as replicated
+        sync_sometimes_used(model.encoder, model.predictor)  # V-JEPA 2's mask tokens of absent clip lengths
         norm_enc = _grad_norm_and_clip(model.encoder, max_norm)
         norm_pred = _grad_norm_and_clip(model.predictor, max_norm)
         finite = torch.isfinite(loss) & torch.isfinite(norm_enc) & torch.isfinite(norm_pred)

@@ -12,7 +12,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,14 +20,14 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .config import Config, save_config
+from .config import Config, resolve_ipe, save_config
 from .dali_pipelines import SKIP_REASONS
-from .data import build_train_loader, dataset_paths
+from .data import build_train_loader, dataset_paths, steps_per_pass
 from .errors import RunStopped, UserError
 from .health import HealthMonitor, spreads
 from .model import NETWORKS, VJEPA
 from .models.vit import Block
-from .optim import Schedule, apply_schedule, build_optimizer
+from .optim import Schedule, adapt_optimizer_state, apply_schedule, build_optimizer
 from .run_log import MetricsLog, plot_loss
 from .step import (EMA, StepResult, autocast_for, build_model, masks_generators, move_to, pick_device,
                    step_batches, train_step)
@@ -166,7 +166,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     official configs say it): continue from the newest usable checkpoint there, or start fresh (and say so) when
     there is none, so one command serves a job's first start and every requeue. A cooldown
     (optimization.is_anneal) starts from optimization.anneal_ckpt, and continues from its own checkpoints with
-    optimization.resume_anneal or `resume`; `overwrite` starts again whatever the config says. Without a way to
+    optimization.resume_anneal or `resume`; meta.load_checkpoint with meta.read_checkpoint resumes the training
+    state of that file (_start_state); `overwrite` starts again whatever the config says. Without a way to
     continue or `overwrite`, a run directory that holds a checkpoint is refused. Under torchrun (WORLD_SIZE > 1)
     each process trains its shard of the data."""
     run = RunDir(run_dir or cfg.logging.folder or Path("runs") / cfg.name, cfg)
@@ -210,15 +211,24 @@ def wrap_for_data_parallel(model: VJEPA, cfg: Config, env: dist_utils.DistEnv, d
     """Wrap the networks for torchrun's ranks (DDP replicas or FSDP2 shards; nothing on one process) and return
     the EMA over their final parameters. DDP: the fused EMA flattens the parameters before DDP registers them.
     FSDP: all three networks are sharded block by block alike, so the EMA is a `_foreach_lerp_` over matching
-    local shards (flat buffers cannot hold FSDP's sharded parameters)."""
+    local shards (flat buffers cannot hold FSDP's sharded parameters). Both: V-JEPA 2's mask tokens that not every
+    step uses stay whole, outside DDP / FSDP, averaged after the backward (distributed.sync_sometimes_used), so
+    DDP also takes the reference computation's call per clip-length group (FSDP cannot: refused)."""
+    sometimes, never = model.mask_tokens_not_always_used()
     if uses_fsdp(cfg, env):
-        for name in NETWORKS:
-            dist_utils.wrap_fsdp(getattr(model, name), Block, block_methods=("forward_packed",))
+        if cfg.meta.computation == "reference" and model.clip_lengths > 1:  # a network call per group held
+            raise UserError(f"meta.data_parallel=fsdp: the reference computation runs the networks once per "
+                            f"clip-length group (data.dataset_fpcs={cfg.data.dataset_fpcs}), as many times as a rank "
+                            f"holds groups, which FSDP cannot; use meta.computation=fast or meta.data_parallel=ddp")
+        dist_utils.wrap_fsdp(model.encoder, Block, block_methods=("forward_packed",))
+        dist_utils.wrap_fsdp(model.predictor, Block, block_methods=("forward_packed",), sometimes_used=sometimes,
+                             never_used=never)
+        dist_utils.wrap_fsdp(model.target_encoder, Block, block_methods=("forward_packed",), forward_only=True)
         return EMA(model, fused=False)
     ema = EMA(model, fused=cfg.meta.computation == "fast")
     if env.enabled:
         model.encoder = dist_utils.wrap_ddp(model.encoder, device)
-        model.predictor = dist_utils.wrap_ddp(model.predictor, device)
+        model.predictor = dist_utils.wrap_ddp(model.predictor, device, sometimes_used=sometimes, never_used=never)
     return ema
 
 
@@ -250,45 +260,79 @@ def _resume_state(run: RunDir, overwrite: bool, resume: bool, device: torch.devi
     return state
 
 
+def _start_state(cfg: Config, run: RunDir) -> tuple[ckpt.TrainingState, str] | None:
+    """What a run that does not continue its own checkpoints starts from, with the config key and file it comes
+    from: for a cooldown (optimization.is_anneal), the networks and optimizer state of optimization.anneal_ckpt at
+    step 0; with meta.load_checkpoint, the whole training state of meta.read_checkpoint as the official trainers
+    resume it (checkpoint.training_state_of: ours at its step, an official file at its epoch x ipe, from where the
+    lr / wd / EMA schedules, the masks and the data continue). None: a fresh start."""
+    opt, meta = cfg.optimization, cfg.meta
+    if opt.is_anneal:
+        source = f"optimization.anneal_ckpt={opt.anneal_ckpt}"
+        state = ckpt.training_state_of(ckpt.load_checkpoint(opt.anneal_ckpt), source, opt.ipe)
+        missing = [name for name in NETWORKS if name not in state.networks]
+        if missing:  # a cooldown continues pretraining: every network (the official loader needs them all too)
+            raise UserError(f"{source}: no {', '.join(missing)} in it; a cooldown starts from a pretraining "
+                            f"checkpoint holding {', '.join(NETWORKS)}")
+        log.info("cooldown: starting from %s (networks%s), the lr decaying linearly from %g towards %g",
+                 opt.anneal_ckpt, " and optimizer state" if state.optimizer else "", opt.lr, opt.final_lr)
+        return replace(state, step=0, rng={}, health={}, skipped_steps=0), source  # the official cooldown: epoch 0
+    if not (meta.load_checkpoint and meta.read_checkpoint):
+        return None
+    path = Path(meta.read_checkpoint)
+    if cfg.data.dataset_fpcs is None:  # V-JEPA 1 reads it in its run directory (V-JEPA 2: as given)
+        path = run.root / path
+    source = f"meta.read_checkpoint={meta.read_checkpoint}"
+    if not path.is_file():
+        raise UserError(f"{source}: no such file ({path})")
+    raw = ckpt.load_checkpoint(path)
+    state = ckpt.training_state_of(raw, source, opt.ipe)
+    log.info("%s: resumed %s, %s at step %d (%s); the lr / wd / EMA schedules, masks and data continue from there",
+             source, ", ".join(state.networks), "the optimizer state" if state.optimizer else
+             "a fresh optimizer (the file holds no optimizer state)", state.step,
+             "its step, RNG and health monitor" if ckpt.is_ours(raw) else
+             f"an official file: its epoch {raw.get('epoch') or 0} x optimization.ipe={opt.ipe}")
+    return state, source
+
+
 def _train(cfg: Config, run: RunDir, resume: bool, overwrite: bool, device: torch.device, max_steps: int | None,
            progress: bool, env: dist_utils.DistEnv) -> TrainResult:
+    if env.is_main:
+        paths = dataset_paths(cfg)  # generates the embedded dataset once, before the other ranks look for it
+    dist_utils.barrier(env)
+    if not env.is_main:
+        paths = dataset_paths(cfg)
+    if cfg.optimization.ipe is None:  # one pass over the data, as the official trainers take the loader's length
+        cfg = resolve_ipe(cfg, steps_per_pass(cfg, paths, env.world_size))
+        run = RunDir(run.root, cfg)  # meta.save_every_freq's logging.keep_every counts the resolved steps
+        log.info("optimization.ipe null: %d steps per epoch (one pass over the data)", cfg.optimization.ipe)
     model = build_model(cfg, device)
     fsdp = uses_fsdp(cfg, env)
     schedule = Schedule.from_config(cfg.optimization)
     total = min(cfg.total_steps, max_steps) if max_steps else cfg.total_steps
     health = HealthMonitor(cfg.logging.health_every, cfg.logging.collapse_fraction)
 
-    start, skipped_total, optimizer_state = 0, 0, None
     resumed = _resume_state(run, overwrite, resume, device, env)
-    if resumed is not None:
-        model.load_networks(resumed.networks)
-        ckpt.set_rng_state(resumed.rng)
-        health.load_state_dict(resumed.health)
-        start, skipped_total = resumed.step, resumed.skipped_steps
-        optimizer_state = resumed.optimizer
-        log.info("resumed %s at step %d", run.checkpoints.folder, start)
-    elif cfg.optimization.is_anneal:
-        source = cfg.optimization.anneal_ckpt
-        state = ckpt.load_checkpoint(source)
-        networks = ckpt.networks_of(state, source)
-        missing = [name for name in NETWORKS if name not in networks]
-        if missing:  # a cooldown continues pretraining: every network (the official loader needs them all too)
-            raise UserError(f"optimization.anneal_ckpt={source}: no {', '.join(missing)} in it; a cooldown starts "
-                            f"from a pretraining checkpoint holding {', '.join(NETWORKS)}")
-        model.load_networks(networks)
-        optimizer_state = ckpt.optimizer_of(state)
-        log.info("cooldown: starting from %s (networks%s), the lr decaying linearly from %g towards %g", source,
-                 " and optimizer state" if optimizer_state else "", cfg.optimization.lr, cfg.optimization.final_lr)
-    elif cfg.meta.load_checkpoint and cfg.meta.read_checkpoint:
-        source = cfg.meta.read_checkpoint
-        model.load_networks(ckpt.networks_of(ckpt.load_checkpoint(source), source))
-        log.info("initialised the networks from %s", source)
+    start_from = (resumed, str(run.checkpoints.folder)) if resumed is not None else _start_state(cfg, run)
+    start, skipped_total, optimizer_state = 0, 0, None
+    if start_from is not None:
+        state, source = start_from
+        model.load_networks(state.networks)
+        if state.rng:
+            ckpt.set_rng_state(state.rng)
+        if state.health:
+            health.load_state_dict(state.health)
+        start, skipped_total, optimizer_state = state.step, state.skipped_steps, state.optimizer or None
+        if resumed is not None:
+            log.info("resumed %s at step %d", run.checkpoints.folder, start)
     ema = wrap_for_data_parallel(model, cfg, env, device)  # after loading: FSDP shards the loaded weights
     optimizer = build_optimizer(cfg.optimization, model.encoder, model.predictor, fused=True)
-    if optimizer_state is not None and fsdp:
-        dist_utils.load_full_optimizer_state(model, optimizer, optimizer_state)
-    elif optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    if optimizer_state is not None:
+        optimizer_state = adapt_optimizer_state(optimizer, optimizer_state, source)
+        if fsdp:
+            dist_utils.load_full_optimizer_state(model, optimizer, optimizer_state)
+        else:
+            optimizer.load_state_dict(optimizer_state)
 
     def save(step: int) -> None:
         if fsdp:  # full state dicts gathered to rank 0: the same checkpoint format as DDP and one process
@@ -305,10 +349,6 @@ def _train(cfg: Config, run: RunDir, resume: bool, overwrite: bool, device: torc
 
     if env.is_main:
         save_config(cfg, run.config)
-        paths = dataset_paths(cfg)  # generates the embedded dataset once, before the other ranks look for it
-    dist_utils.barrier(env)
-    if not env.is_main:
-        paths = dataset_paths(cfg)
     metrics = None
     if env.is_main:
         metrics = MetricsLog(run.metrics, METRIC_FIELDS, resume_step=start if resumed is not None else None)

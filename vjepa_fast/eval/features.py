@@ -3,8 +3,10 @@
 The cache holds float16 tokens [items, views, segments*N, D] in a .npy file (read back memory-mapped, so it may
 exceed RAM) beside a .json that marks it complete. Its name is a hash of the encoder's weights, the item paths and
 the ViewSpec, so several probes, epochs, and labelings of the same videos (the synthetic motion and appearance
-labels) share one extraction. Labels are not part of the cache. Unusable items are skipped and logged
-(dali_pipelines' SkipTracker, which also stops when most fail) and left out of the returned rows.
+labels) share one extraction. Labels are not part of the cache. Unusable items are logged (dali_pipelines'
+SkipTracker, which also stops when most fail) and, as the official loaders do, replaced by another item (with
+its label; a seeded draw among the usable ones), so train and val keep their size. The encoder runs fast (encode):
+our packed computation under bfloat16 autocast on CUDA.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from .views import ViewSpec, image_views, video_views
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the extraction changes: old cache files are then ignored
+CACHE_VERSION = 3  # bump when the extraction changes: old cache files are then ignored
 LOADERS: dict[str, Callable[[str, ViewSpec], torch.Tensor]] = {"video": video_views, "image": image_views}
 
 
@@ -36,7 +38,7 @@ LOADERS: dict[str, Callable[[str, ViewSpec], torch.Tensor]] = {"video": video_vi
 class FeatureSet:
     """Cached tokens of a dataset: sample i is tokens[rows[i]] ([views, segments*N, D]) with labels[i]."""
     tokens: np.ndarray  # float16 [items, views, segments*N, D], memory-mapped
-    rows: np.ndarray  # int64 [K]: the usable items
+    rows: np.ndarray  # int64 [K]: the item read for each sample (an unusable item's replacement)
     labels: np.ndarray  # int64 [K]
     path: str  # the cache file
 
@@ -53,10 +55,11 @@ class FeatureSet:
 
 
 def encoder_for_frames(encoder: VisionTransformer, num_frames: int) -> VisionTransformer:
-    """`encoder` for clips of `num_frames` (<= its own, a multiple of its tubelet): same weights, the first rows
-    of its pos-embed. Exact for the sin-cos embedding, whose rows of a time-step do not depend on the clip length;
-    lets a 16-frame encoder see 2-frame still images. (A RoPE encoder has no table: the same weights.)"""
-    if num_frames == encoder.num_frames:
+    """`encoder` for clips of `num_frames` (a multiple of its tubelet; <= its own with a pos-embed table): same
+    weights, the first rows of its pos-embed. Exact for the sin-cos embedding, whose rows of a time-step do not
+    depend on the clip length; lets a 16-frame encoder see 2-frame still images. A RoPE encoder has no table and
+    takes any clip length: returned as it is."""
+    if num_frames == encoder.num_frames or (encoder.use_rope and num_frames % encoder.tubelet_size == 0):
         return encoder
     if num_frames > encoder.num_frames or num_frames % encoder.tubelet_size:
         raise UserError(f"clips of {num_frames} frames need an encoder of at least that many frames and a tubelet "
@@ -72,6 +75,21 @@ def encoder_for_frames(encoder: VisionTransformer, num_frames: int) -> VisionTra
         state["pos_embed"] = state["pos_embed"][:, :short.num_patches]
     short.load_state_dict(state)
     return short.to(encoder.patch_embed.proj.weight.device).eval().requires_grad_(False)
+
+
+def autocast(device: torch.device):
+    """The probes' autocast: float16 on CUDA (the official evals' use_bfloat16), none on the CPU."""
+    return torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def encode(encoder: VisionTransformer, clips: torch.Tensor) -> torch.Tensor:
+    """Tokens [B, N, D] of clips [B, 3, T, H, W] (on the encoder's device) through the frozen encoder, fast: our
+    packed computation (the training step's, all tokens of each clip one sequence), under bfloat16 autocast on
+    CUDA (the official evals: float16; the same features to bfloat16's precision), float32 on the CPU, where it
+    equals the reference computation."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=clips.is_cuda):
+        return encoder(clips, computation="fast")
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -114,7 +132,6 @@ def extract(encoder: VisionTransformer, paths: Sequence[str], spec: ViewSpec, ki
                                          **worker_options(num_workers))
     skips = SkipTracker(tuple(paths))
     usable = np.zeros(len(paths), dtype=bool)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for batch in tqdm(iterate(loader), total=len(loader), desc=f"features ({kind})", unit="batch",
                       disable=not progress, dynamic_ncols=True):
         skips.record([attempt for _, _, attempt in batch])
@@ -123,8 +140,7 @@ def extract(encoder: VisionTransformer, paths: Sequence[str], spec: ViewSpec, ki
             continue
         clips = torch.stack([views for _, views in good]).to(device)  # [B, V, S, 3, T, C, C]
         B, V, S = clips.shape[:3]
-        with autocast:
-            tokens = encoder(clips.flatten(0, 2))  # [B*V*S, N, D]
+        tokens = encode(encoder, clips.flatten(0, 2))  # [B*V*S, N, D]
         tokens = tokens.reshape(B, V, S * tokens.size(1), tokens.size(2))  # segments concatenated as tokens
         indices = [index for index, _ in good]
         out[indices] = tokens.to(torch.float16).cpu().numpy()
@@ -157,7 +173,8 @@ def cached_features(encoder: VisionTransformer, paths: Sequence[str], labels: Se
             usable = np.asarray(json.load(f)["usable"], dtype=bool)
     else:
         clip_encoder = encoder_for_frames(encoder, spec.num_frames)
-        shape = (len(paths), spec.num_views, spec.num_segments * clip_encoder.num_patches, encoder.embed_dim)
+        tokens_per_clip = spec.num_frames // encoder.tubelet_size * (spec.crop_size // encoder.patch_size) ** 2
+        shape = (len(paths), spec.num_views, spec.num_segments * tokens_per_clip, encoder.embed_dim)
         log.info("features: %d %ss x %d views x %d segments -> %.2f GiB at %s", len(paths), kind, spec.num_views,
                  spec.num_segments, np.prod(shape) * 2 / 2 ** 30, npy)
         os.makedirs(cache_dir, exist_ok=True)
@@ -175,5 +192,18 @@ def cached_features(encoder: VisionTransformer, paths: Sequence[str], labels: Se
         with open(f"{meta}.tmp-{os.getpid()}", "w") as f:
             json.dump({"usable": usable.tolist(), "shape": shape, "key": json.loads(key) | {"paths": len(paths)}}, f)
         os.replace(f"{meta}.tmp-{os.getpid()}", meta)  # written last: marks the cache complete
-    rows = np.flatnonzero(usable)
+    rows = replace_unusable(usable)
     return FeatureSet(np.load(npy, mmap_mode="r"), rows, np.asarray(labels, dtype=np.int64)[rows], npy)
+
+
+def replace_unusable(usable: np.ndarray) -> np.ndarray:
+    """Row of each item: itself, or for an unusable one a usable item drawn at random, seeded (the official
+    loaders draw another sample until one loads, and take its label)."""
+    if not usable.any():
+        return np.zeros(0, dtype=np.int64)
+    rows = np.arange(len(usable))
+    bad = np.flatnonzero(~usable)
+    if len(bad):
+        rows[bad] = np.random.RandomState(0).choice(np.flatnonzero(usable), len(bad))
+        log.warning("features: %d unusable items replaced by other items, as the official loaders do", len(bad))
+    return rows

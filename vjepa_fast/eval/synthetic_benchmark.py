@@ -23,7 +23,7 @@ import torch
 from ..health import COLLAPSE_FRACTION, feature_spread
 from ..run_log import read_metrics
 from ..synthetic import ensure_synthetic_dataset
-from .protocols import ProbeSettings, fit_probe
+from .protocols import HeadSettings, ProbeSettings, fit_probe
 from .run import FrozenEncoder, dataset_file_split, features_of, format_table, random_init_like
 from .views import ViewSpec
 
@@ -31,8 +31,9 @@ LABELS = ("motion", "appearance")
 PROBES = ("attentive", "linear")
 # Probe settings for 512 training videos (Table 6's are for ~19k steps): batch 32 gives 320 steps in 20 epochs, and
 # lr 1e-2 lets the attentive probe converge in them (measured on a random-init encoder's motion features: lr 1e-3
-# reached 31 % in 640 steps, 3e-3 88 %, 1e-2 89 % in 320).
-SYNTHETIC_PROBE = ProbeSettings(batch_size=32, lr=1e-2)
+# reached 31 % in 640 steps, 3e-3 88 %, 1e-2 89 % in 320). One micro-batch per batch: the linear probe's BatchNorm
+# takes its statistics over the whole batch.
+SYNTHETIC_PROBE = ProbeSettings(batch_size=32, micro_batch=32, head=HeadSettings(lr=1e-2))
 ATTENTIVE_TOLERANCE = 3.0  # points the pretrained attentive motion score may fall below the random init's
 LINEAR_GAIN = 10.0  # points the pretrained linear motion score must rise above the random init's
 LOSS_DROP = 0.8  # "the loss fell clearly": the last steps' mean loss under this fraction of the first steps'
@@ -94,7 +95,8 @@ def run_synthetic_benchmark(frozen: FrozenEncoder, *, out_dir: str, cache_dir: s
                       dataset_file_split(getattr(data, f"{label}_val_csv"))) for label in LABELS}
     num_classes = {"motion": data.num_motion_classes, "appearance": data.num_appearance_classes}
     os.makedirs(out_dir, exist_ok=True)
-    kw = dict(cache_dir=cache_dir, device=device, num_workers=num_workers, progress=progress)
+    kw = dict(cache_dir=cache_dir, device=device, batch_size=settings.micro_batch, num_workers=num_workers,
+              progress=progress)
     reports = []
     for name, encoder, steps in (("pretrained", frozen.encoder, frozen.step),
                                  ("random init", random_init_like(frozen.encoder), 0)):

@@ -64,15 +64,16 @@ def num_mask_tokens(cfg: Config) -> int:
 V1_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant")
 HEADS_BY_WIDTH = {d: h for name, (d, _, h, _) in MODEL_SIZES.items() if name in V1_NAMES}
 ROPE_HEADS_BY_WIDTH = {**HEADS_BY_WIDTH, MODEL_SIZES["vit_giant_xformers"][0]: MODEL_SIZES["vit_giant_xformers"][2]}
-ROPE_IMG_SIZE = 256  # V-JEPA 2's pretraining crop: the default input of a RoPE encoder known by its weights alone
+ROPE_IMG_SIZE = 256  # V-JEPA 2's pretraining crop: the nominal input of a RoPE encoder known by its weights alone
 
 
 def encoder_from_weights(sd: Mapping[str, torch.Tensor], num_frames: int, num_heads: int | None,
                          use_rope: bool | None = None, img_size: int | None = None) -> VisionTransformer:
     """An encoder shaped for the state dict `sd`, not yet loaded. Its shapes give the width, depth, MLP and patch;
     a sin-cos encoder's table gives its grid, so `num_frames` sets its crop. RoPE (default: when `sd` has no
-    pos_embed, as V-JEPA 2's training checkpoints) has no table: the input is `num_frames` x `img_size` (default
-    256). The heads default to the official model of that width (V-JEPA 2's for RoPE: 22 for ViT-g)."""
+    pos_embed, as V-JEPA 2's training checkpoints) has no table and takes clips of any size: `num_frames` x
+    `img_size` (default 256) is only its nominal input (eval's clips). The heads default to the official model of
+    that width (V-JEPA 2's for RoPE: 22 for ViT-g)."""
     try:
         conv = sd["patch_embed.proj.weight"]  # [D, 3, tubelet, patch, patch]
     except KeyError as e:

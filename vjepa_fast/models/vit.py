@@ -132,7 +132,11 @@ def init_weights(module: nn.Module, blocks: nn.ModuleList) -> None:
 
 
 class VisionTransformer(nn.Module):
-    """The V-JEPA video encoder. forward(x, mask=None): all tokens, or only those at `mask` [B, K] indices."""
+    """The V-JEPA video encoder. forward(x, mask=None): all tokens, or only those at `mask` [B, K] indices.
+
+    A sin-cos encoder takes clips of its `num_frames` x `img_size` (its table's grid). A RoPE encoder, as the
+    official one, takes clips of any size and length: positions come from the clip's grid of patches (frames and
+    pixels past the last whole tubelet and patch are dropped by the patch embedding, as there)."""
 
     def __init__(self, *, img_size: int = 224, num_frames: int = 16, patch_size: int = 16, tubelet_size: int = 2,
                  embed_dim: int = 1024, depth: int = 24, num_heads: int = 16, mlp_ratio: float = 4.0,
@@ -187,13 +191,14 @@ class VisionTransformer(nn.Module):
             return [self._forward_reference(x, m) for m in masks]
         return self._forward_reference(x, masks)
 
-    def positions(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def positions(self, token_ids: torch.Tensor, clips: torch.Tensor) -> torch.Tensor:
         """The (t, h, w) grid positions [numel, 3] of token ids of any shape, flattened in order (ids number the
-        tokens t-major, then row, then column), for RoPE."""
-        return kernels.grid_positions(token_ids, self.grid_size, self.grid_size)
+        tokens t-major, then row, then column), for RoPE: on the patch grid of `clips`, whatever their size."""
+        rows, cols = (n // self.patch_size for n in clips.shape[-2:])
+        return kernels.grid_positions(token_ids, rows, cols)
 
-    def _forward_reference(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.patch_embed(x)
+    def _forward_reference(self, clips: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.patch_embed(clips)
         if self.pos_embed is not None:
             x = (x + self.pos_embed).to(x.dtype)  # as the official in-place add: low precision under autocast
         if mask is not None:
@@ -201,14 +206,14 @@ class VisionTransformer(nn.Module):
         positions = None
         if self.use_rope:
             ids = mask if mask is not None else torch.arange(x.size(1), device=x.device).expand(x.size(0), -1)
-            positions = self.positions(ids)
+            positions = self.positions(ids, clips)
         for blk in self.blocks:
             x = blk(x, positions)
         return self.norm(x)
 
     def _forward_fast(self, groups: list[torch.Tensor], group_masks: list, single: bool):
         """One pass over every group's sequences: all tokens of each clip (masks None), or each mask's tokens."""
-        rows, layout, ids, shapes = [], [], [], []
+        rows, layout, positions, shapes = [], [], [], []
         full = group_masks[0] is None
         for clips, masks in zip(groups, group_masks):
             tokens = self.patch_embed(clips)
@@ -219,18 +224,18 @@ class VisionTransformer(nn.Module):
                 rows.append(x.reshape(B * N, D))
                 layout.append((B, N))
                 if self.use_rope:
-                    ids.append(torch.arange(N, device=x.device).repeat(B))
+                    positions.append(self.positions(torch.arange(N, device=x.device).repeat(B), clips))
             else:
                 masks = [masks] if isinstance(masks, torch.Tensor) else list(masks)
                 pos = None if self.pos_embed is None else self.pos_embed[0]
                 rows.append(packed.kernel_ops(clips.device).pack_tokens(tokens, masks, pos=pos)[0].to(tokens.dtype))
                 layout += [(B, m.size(1)) for m in masks]
                 if self.use_rope:
-                    ids += [m.reshape(-1) for m in masks]  # the packed rows' tokens
+                    positions += [self.positions(m, clips) for m in masks]  # the packed rows' tokens
         x = run_blocks_packed(self.blocks, torch.cat(rows) if len(rows) > 1 else rows[0],
                               packed.PackedLayout(tuple(layout)), compiled=self.compiled,
                               activation_checkpointing=self.activation_checkpointing,
-                              positions=self.positions(torch.cat(ids)) if self.use_rope else None)
+                              positions=torch.cat(positions) if self.use_rope else None)
         x = self.norm(x)
         if not full:
             return x
@@ -238,10 +243,10 @@ class VisionTransformer(nn.Module):
         return out[0] if single else out
 
     def _check_clips(self, x: torch.Tensor) -> None:
-        if self.use_rope:  # any clip length: positions rotate, there is no table to match
-            ok = x.dim() == 5 and x.shape[1] == 3 and x.shape[2] % self.tubelet_size == 0 and \
-                tuple(x.shape[3:]) == (self.img_size, self.img_size)
-            expected = f"3, T (a multiple of {self.tubelet_size}), {self.img_size}, {self.img_size}"
+        if self.use_rope:  # any size, as the official encoder: positions rotate, there is no table to match
+            ok = x.dim() == 5 and x.shape[1] == 3 and x.shape[2] >= self.tubelet_size and \
+                min(x.shape[3:]) >= self.patch_size
+            expected = f"3, T >= {self.tubelet_size}, H >= {self.patch_size}, W >= {self.patch_size}"
         else:
             ok = x.dim() == 5 and tuple(x.shape[1:]) == (3, self.num_frames, self.img_size, self.img_size)
             expected = f"3, {self.num_frames}, {self.img_size}, {self.img_size}"
