@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from vjepa_fast.config import (APPS, CONFIG_DIR, NO_DEFAULT, NOT_USED_HERE, OFFICIAL_ALIASES, OFFICIAL_DEFAULTS,
-                               Config, ConfigError, MaskConfig, config_from_dict, official_app, resolve_ipe)
+                               ConfigError, MaskConfig, config_from_dict, official_app, resolve_ipe)
 from vjepa_fast.data import steps_per_pass
 from vjepa_fast.train import train
 from helpers import tiny_config

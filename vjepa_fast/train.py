@@ -363,7 +363,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, overwrite: bool, device: torc
              "run dir %s", cfg.name, device, env.world_size, start, total, batch, accumulation,
              batch * accumulation * env.world_size, run.root)
     log.info("one pass over the data is %d steps; the schedules count optimization.ipe=%d steps per epoch",
-             max(1, loader.samples_per_epoch // (batch * accumulation)), cfg.optimization.ipe)
+             steps_per_pass(cfg, paths, env.world_size), cfg.optimization.ipe)
 
     pending = StepLog(metrics, batch * accumulation, lambda: dict(loader.stats), env, health, skipped_total)
     t_start = time.perf_counter()
