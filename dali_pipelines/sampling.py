@@ -46,6 +46,12 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
             top = int(rng.integers(0, height - box_height + 1))
             left = int(rng.integers(0, width - box_width + 1))
             return top, left, box_height, box_width
+    return fallback_crop_box(height, width, ratio)
+
+
+def fallback_crop_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the random-resized crop when no random box fits (torchvision's fallback, as
+    the official transforms): the whole frame, cut to the nearest aspect ratio in `ratio`, centred."""
     in_ratio = width / height
     if in_ratio < min(ratio):
         box_width, box_height = width, int(round(width / min(ratio)))

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
+from ..dali_pipelines.sampling import fallback_crop_box
+
 MAX_LEVEL = 10.0
 VIDEO_FILL = (128, 128, 128)  # the video RandAugment's fill (no img_mean given)
 IMAGE_FILL = tuple(min(255, round(255 * m)) for m in (0.485, 0.456, 0.406))  # timm: the ImageNet mean
@@ -166,14 +168,7 @@ def rrc_box(height: int, width: int, rngs: Rngs, *, video: bool) -> tuple[int, i
             rngs.np.uniform()
         if (0 < w or not video) and w <= width and (0 < h or not video) and h <= height:
             return rngs.py.randint(0, height - h), rngs.py.randint(0, width - w), h, w
-    in_ratio = width / height
-    if in_ratio < min(RRC_RATIO):
-        w, h = width, int(round(width / min(RRC_RATIO)))
-    elif in_ratio > max(RRC_RATIO):
-        w, h = int(round(height * max(RRC_RATIO))), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return fallback_crop_box(height, width, RRC_RATIO)
 
 
 def video_resized_crop(clip: torch.Tensor, crop: int, rngs: Rngs) -> torch.Tensor:
